@@ -1,0 +1,587 @@
+//! The event envelope: how a Kafka record value becomes an [`Event`], or a
+//! [`DeadLetter`] with a reason a producer team can act on.
+//!
+//! Two wire shapes are accepted: our native JSON envelope and CloudEvents 1.0
+//! (structured mode and Kafka binary mode). Both map onto the same fields.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use uuid::Uuid;
+
+use crate::record::RawRecord;
+
+/// Longest accepted `event_type`, `stream_id`, `source` or `subject_id`.
+pub const MAX_IDENTIFIER_LEN: usize = 512;
+
+/// Namespace for deriving an `event_id` from a CloudEvent whose `id` is not a
+/// UUID: CloudEvents identify an event by (`source`, `id`), so the derived id
+/// is stable across producer retries and still deduplicates them.
+const CLOUDEVENTS_ID_NAMESPACE: Uuid = Uuid::from_u128(0x6f1c_2a9e_3b4d_4c7a_9e21_5d0f_8a3b_c64e);
+
+const NATIVE_FIELDS: &[&str] = &[
+    "event_id",
+    "event_type",
+    "stream_id",
+    "occurred_at",
+    "payload",
+    "stream_version",
+    "source",
+    "correlation_id",
+    "causation_id",
+    "subject_id",
+    "metadata",
+];
+
+/// Limits applied while parsing.
+#[derive(Debug, Clone)]
+pub struct ParseOptions {
+    /// Largest accepted payload, in bytes of its JSON serialisation.
+    pub max_payload_bytes: usize,
+}
+
+impl Default for ParseOptions {
+    fn default() -> Self {
+        Self {
+            max_payload_bytes: 1024 * 1024,
+        }
+    }
+}
+
+/// A validated event, ready to be stored.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub stream_id: String,
+    pub stream_version: Option<i64>,
+    pub occurred_at: DateTime<Utc>,
+    pub source: Option<String>,
+    pub correlation_id: Option<Uuid>,
+    pub causation_id: Option<Uuid>,
+    pub subject_id: Option<String>,
+    pub payload: Value,
+    pub metadata: Option<Value>,
+    /// Kafka headers, kept as JSON (see [`RawRecord::headers_json`]).
+    pub headers: Value,
+    /// SHA-256 of the normalised envelope: tells a producer retry (same
+    /// content) from a reused `event_id` (different content).
+    pub content_hash: [u8; 32],
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+}
+
+/// Why a record could not become an event. The code is stable (dashboards and
+/// alerts key on it); the message says what to fix.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeadLetterReason {
+    EmptyValue,
+    InvalidUtf8 { valid_up_to: usize },
+    NotJson { error: String },
+    NotAnObject,
+    MissingField { field: String },
+    InvalidField { field: String, problem: String },
+    UnknownField { field: String },
+    PayloadTooLarge { size: usize, max: usize },
+    EventIdConflict { event_id: Uuid, existing: String },
+}
+
+impl DeadLetterReason {
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::EmptyValue => "empty_value",
+            Self::InvalidUtf8 { .. } => "invalid_utf8",
+            Self::NotJson { .. } => "not_json",
+            Self::NotAnObject => "not_an_object",
+            Self::MissingField { .. } => "missing_field",
+            Self::InvalidField { .. } => "invalid_field",
+            Self::UnknownField { .. } => "unknown_field",
+            Self::PayloadTooLarge { .. } => "payload_too_large",
+            Self::EventIdConflict { .. } => "event_id_conflict",
+        }
+    }
+}
+
+impl std::fmt::Display for DeadLetterReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::EmptyValue => write!(f, "record has no value (tombstone); an event needs a JSON envelope"),
+            Self::InvalidUtf8 { valid_up_to } => {
+                write!(f, "value is not valid UTF-8 (first invalid byte at {valid_up_to})")
+            }
+            Self::NotJson { error } => write!(f, "value is not JSON: {error}"),
+            Self::NotAnObject => write!(f, "value is JSON but not an object; expected an event envelope"),
+            Self::MissingField { field } => write!(f, "required field `{field}` is missing"),
+            Self::InvalidField { field, problem } => write!(f, "field `{field}` {problem}"),
+            Self::UnknownField { field } => write!(
+                f,
+                "unknown top-level field `{field}`; put extra data in `payload` or `metadata`"
+            ),
+            Self::PayloadTooLarge { size, max } => {
+                write!(f, "payload is {size} bytes, over the configured maximum of {max}")
+            }
+            Self::EventIdConflict { event_id, existing } => write!(
+                f,
+                "event_id {event_id} was already stored ({existing}) with different content"
+            ),
+        }
+    }
+}
+
+/// A record that cannot become an event. Keeps the raw bytes so nothing is lost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeadLetter {
+    pub kafka_topic: String,
+    pub kafka_partition: i32,
+    pub kafka_offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Value,
+    /// The event id when the envelope got far enough to have one.
+    pub event_id: Option<Uuid>,
+    pub reason: DeadLetterReason,
+}
+
+impl DeadLetter {
+    pub fn from_record(record: &RawRecord, event_id: Option<Uuid>, reason: DeadLetterReason) -> Self {
+        Self {
+            kafka_topic: record.topic.clone(),
+            kafka_partition: record.partition,
+            kafka_offset: record.offset,
+            key: record.key.clone(),
+            value: record.value.clone(),
+            headers: record.headers_json(),
+            event_id,
+            reason,
+        }
+    }
+}
+
+/// Parses and validates one record.
+pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLetter> {
+    let dead = |reason| DeadLetter::from_record(record, None, reason);
+    let is_binary_cloudevent = record.header("ce_specversion").is_some();
+    let bytes = match record.value.as_deref() {
+        Some(bytes) if !bytes.is_empty() || is_binary_cloudevent => bytes,
+        _ => return Err(dead(DeadLetterReason::EmptyValue)),
+    };
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        dead(DeadLetterReason::InvalidUtf8 {
+            valid_up_to: e.valid_up_to(),
+        })
+    })?;
+    let fields = if is_binary_cloudevent {
+        binary_cloudevent(record, text)
+    } else {
+        let value: Value = serde_json::from_str(text).map_err(|e| {
+            dead(DeadLetterReason::NotJson {
+                error: e.to_string(),
+            })
+        })?;
+        let Value::Object(object) = value else {
+            return Err(dead(DeadLetterReason::NotAnObject));
+        };
+        if is_structured_cloudevent(record, &object) {
+            structured_cloudevent(record, object)
+        } else {
+            native(object)
+        }
+    };
+    let fields = fields.map_err(|(event_id, reason)| DeadLetter::from_record(record, event_id, reason))?;
+    // Cheap screens on the raw text keep the exact checks off the hot path.
+    let screens = Screens {
+        may_be_too_large: text.len() > options.max_payload_bytes,
+        may_contain_nul: text.contains("\\u0000"),
+    };
+    fields
+        .finish(record, options, screens)
+        .map_err(|(event_id, reason)| DeadLetter::from_record(record, event_id, reason))
+}
+
+type Rejection = (Option<Uuid>, DeadLetterReason);
+
+#[derive(Clone, Copy)]
+struct Screens {
+    may_be_too_large: bool,
+    may_contain_nul: bool,
+}
+
+/// Envelope fields before the checks shared by every wire shape.
+struct Fields {
+    event_id: Uuid,
+    event_type: String,
+    stream_id: String,
+    stream_version: Option<i64>,
+    occurred_at: DateTime<Utc>,
+    source: Option<String>,
+    correlation_id: Option<Uuid>,
+    causation_id: Option<Uuid>,
+    subject_id: Option<String>,
+    payload: Value,
+    metadata: Option<Value>,
+}
+
+impl Fields {
+    fn finish(self, record: &RawRecord, options: &ParseOptions, screens: Screens) -> Result<Event, Rejection> {
+        let reject = |reason| (Some(self.event_id), reason);
+        if screens.may_be_too_large {
+            let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+            if size > options.max_payload_bytes {
+                return Err(reject(DeadLetterReason::PayloadTooLarge {
+                    size,
+                    max: options.max_payload_bytes,
+                }));
+            }
+        }
+        // PostgreSQL's text and jsonb cannot hold U+0000.
+        if screens.may_contain_nul {
+            let nul = first_nul(&self.payload, "payload")
+                .or_else(|| self.metadata.as_ref().and_then(|m| first_nul(m, "metadata")));
+            if let Some(field) = nul {
+                return Err(reject(invalid(&field, "contains U+0000, which PostgreSQL cannot store")));
+            }
+        }
+        let content_hash = self.content_hash();
+        Ok(Event {
+            event_id: self.event_id,
+            event_type: self.event_type,
+            stream_id: self.stream_id,
+            stream_version: self.stream_version,
+            occurred_at: self.occurred_at,
+            source: self.source,
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            subject_id: self.subject_id,
+            payload: self.payload,
+            metadata: self.metadata,
+            headers: record.headers_json(),
+            content_hash,
+            kafka_topic: record.topic.clone(),
+            kafka_partition: record.partition,
+            kafka_offset: record.offset,
+        })
+    }
+
+    /// Hash of the normalised envelope. serde_json maps are sorted by key, so
+    /// two serialisations of the same content hash the same.
+    fn content_hash(&self) -> [u8; 32] {
+        let normalised = serde_json::json!({
+            "event_id": self.event_id,
+            "event_type": self.event_type,
+            "stream_id": self.stream_id,
+            "stream_version": self.stream_version,
+            "occurred_at": self.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            "source": self.source,
+            "correlation_id": self.correlation_id,
+            "causation_id": self.causation_id,
+            "subject_id": self.subject_id,
+            "payload": self.payload,
+            "metadata": self.metadata,
+        });
+        let bytes = serde_json::to_vec(&normalised).unwrap_or_default();
+        Sha256::digest(&bytes).into()
+    }
+}
+
+fn invalid(field: &str, problem: &str) -> DeadLetterReason {
+    DeadLetterReason::InvalidField {
+        field: field.to_string(),
+        problem: problem.to_string(),
+    }
+}
+
+fn native(mut object: Map<String, Value>) -> Result<Fields, Rejection> {
+    let event_id = required_uuid(&mut object, "event_id").map_err(|r| (None, r))?;
+    let with_id = |r| (Some(event_id), r);
+    if let Some(unknown) = object.keys().find(|k| !NATIVE_FIELDS.contains(&k.as_str())) {
+        return Err(with_id(DeadLetterReason::UnknownField {
+            field: unknown.clone(),
+        }));
+    }
+    let event_type = required_identifier(&mut object, "event_type").map_err(with_id)?;
+    let stream_id = required_identifier(&mut object, "stream_id").map_err(with_id)?;
+    let occurred_at = match object.remove("occurred_at") {
+        None | Some(Value::Null) => return Err(with_id(missing("occurred_at"))),
+        Some(value) => timestamp(value, "occurred_at").map_err(with_id)?,
+    };
+    let payload = match object.remove("payload") {
+        None | Some(Value::Null) => return Err(with_id(missing("payload"))),
+        Some(payload @ Value::Object(_)) => payload,
+        Some(other) => {
+            return Err(with_id(invalid(
+                "payload",
+                &format!("must be a JSON object, got {}", json_kind(&other)),
+            )))
+        }
+    };
+    Ok(Fields {
+        event_id,
+        event_type,
+        stream_id,
+        stream_version: stream_version(object.remove("stream_version"), "stream_version").map_err(with_id)?,
+        occurred_at,
+        source: optional_identifier(&mut object, "source").map_err(with_id)?,
+        correlation_id: optional_uuid(&mut object, "correlation_id").map_err(with_id)?,
+        causation_id: optional_uuid(&mut object, "causation_id").map_err(with_id)?,
+        subject_id: optional_identifier(&mut object, "subject_id").map_err(with_id)?,
+        payload,
+        metadata: match object.remove("metadata") {
+            None | Some(Value::Null) => None,
+            Some(m @ Value::Object(_)) => Some(m),
+            Some(other) => {
+                return Err(with_id(invalid(
+                    "metadata",
+                    &format!("must be a JSON object, got {}", json_kind(&other)),
+                )))
+            }
+        },
+    })
+}
+
+fn is_structured_cloudevent(record: &RawRecord, object: &Map<String, Value>) -> bool {
+    let content_type = record
+        .header("content-type")
+        .and_then(|v| std::str::from_utf8(v).ok())
+        .unwrap_or_default();
+    content_type.starts_with("application/cloudevents+json")
+        || (object.contains_key("specversion") && !object.contains_key("event_id"))
+}
+
+/// CloudEvents attributes, whichever mode carried them.
+struct CloudEvent {
+    attributes: Map<String, Value>,
+    data: Option<Value>,
+}
+
+fn structured_cloudevent(record: &RawRecord, mut object: Map<String, Value>) -> Result<Fields, Rejection> {
+    if object.contains_key("data_base64") {
+        return Err((
+            None,
+            invalid("data_base64", "is not supported: the event data must be a JSON object in `data`"),
+        ));
+    }
+    let data = object.remove("data");
+    cloudevent(record, CloudEvent { attributes: object, data })
+}
+
+fn binary_cloudevent(record: &RawRecord, text: &str) -> Result<Fields, Rejection> {
+    let mut attributes = Map::new();
+    for header in &record.headers {
+        let Some(name) = header.key.strip_prefix("ce_") else {
+            continue;
+        };
+        let value = match header.value.as_deref().map(std::str::from_utf8) {
+            Some(Ok(v)) => Value::String(v.to_string()),
+            Some(Err(_)) => return Err((None, invalid(&header.key, "header is not valid UTF-8"))),
+            None => Value::Null,
+        };
+        attributes.insert(name.to_string(), value);
+    }
+    if let Some(ct) = record.header("content-type").and_then(|v| std::str::from_utf8(v).ok()) {
+        attributes.insert("datacontenttype".into(), Value::String(ct.to_string()));
+    }
+    let data = if text.trim().is_empty() {
+        None
+    } else {
+        Some(serde_json::from_str(text).map_err(|e| (None, DeadLetterReason::NotJson { error: e.to_string() }))?)
+    };
+    cloudevent(record, CloudEvent { attributes, data })
+}
+
+fn cloudevent(record: &RawRecord, event: CloudEvent) -> Result<Fields, Rejection> {
+    let CloudEvent { mut attributes, data } = event;
+    match attributes.remove("specversion") {
+        Some(Value::String(v)) if v == "1.0" => {}
+        Some(other) => {
+            return Err((
+                None,
+                invalid("specversion", &format!("must be \"1.0\", got {other}")),
+            ))
+        }
+        None => return Err((None, missing("specversion"))),
+    }
+    let source = required_identifier(&mut attributes, "source").map_err(|r| (None, r))?;
+    let raw_id = required_identifier(&mut attributes, "id").map_err(|r| (None, r))?;
+    let event_id = Uuid::parse_str(&raw_id)
+        .unwrap_or_else(|_| Uuid::new_v5(&CLOUDEVENTS_ID_NAMESPACE, format!("{source}\n{raw_id}").as_bytes()));
+    let with_id = |r| (Some(event_id), r);
+    let event_type = required_identifier(&mut attributes, "type").map_err(with_id)?;
+    let stream_id = match optional_identifier(&mut attributes, "subject").map_err(with_id)? {
+        Some(subject) => subject,
+        None => record
+            .key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+            .filter(|k| !k.is_empty() && k.len() <= MAX_IDENTIFIER_LEN && !k.contains('\0'))
+            .map(str::to_string)
+            .ok_or_else(|| with_id(missing("subject (or a UTF-8 record key)")))?,
+    };
+    let occurred_at = match attributes.remove("time") {
+        Some(Value::Null) | None => return Err(with_id(missing("time"))),
+        Some(value) => timestamp(value, "time").map_err(with_id)?,
+    };
+    let payload = match data {
+        Some(payload @ Value::Object(_)) => payload,
+        None | Some(Value::Null) => return Err(with_id(missing("data"))),
+        Some(other) => {
+            return Err(with_id(invalid(
+                "data",
+                &format!("must be a JSON object, got {}", json_kind(&other)),
+            )))
+        }
+    };
+    if let Some(ct) = attributes.get("datacontenttype").and_then(Value::as_str) {
+        if !(ct.starts_with("application/json") || ct.contains("+json")) {
+            return Err(with_id(invalid(
+                "datacontenttype",
+                &format!("is {ct:?}; only JSON event data is accepted"),
+            )));
+        }
+    }
+    let correlation_id = optional_uuid(&mut attributes, "correlationid").map_err(with_id)?;
+    let causation_id = optional_uuid(&mut attributes, "causationid").map_err(with_id)?;
+    let subject_id = optional_identifier(&mut attributes, "subjectid").map_err(with_id)?;
+    let stream_version = stream_version(attributes.remove("streamversion"), "streamversion").map_err(with_id)?;
+    // Whatever is left (dataschema, datacontenttype, other extensions) is kept.
+    attributes.insert("id".into(), Value::String(raw_id));
+    attributes.insert("specversion".into(), Value::String("1.0".into()));
+    let mut metadata = Map::new();
+    metadata.insert("cloudevents".into(), Value::Object(attributes));
+    Ok(Fields {
+        event_id,
+        event_type,
+        stream_id,
+        stream_version,
+        occurred_at,
+        source: Some(source),
+        correlation_id,
+        causation_id,
+        subject_id,
+        payload,
+        metadata: Some(Value::Object(metadata)),
+    })
+}
+
+fn missing(field: &str) -> DeadLetterReason {
+    DeadLetterReason::MissingField {
+        field: field.to_string(),
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn required_identifier(object: &mut Map<String, Value>, field: &str) -> Result<String, DeadLetterReason> {
+    optional_identifier(object, field)?.ok_or_else(|| missing(field))
+}
+
+fn optional_identifier(object: &mut Map<String, Value>, field: &str) -> Result<Option<String>, DeadLetterReason> {
+    match object.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => {
+            if s.trim().is_empty() {
+                Err(invalid(field, "must not be empty"))
+            } else if s.len() > MAX_IDENTIFIER_LEN {
+                Err(invalid(
+                    field,
+                    &format!("is {} bytes long, over the maximum of {MAX_IDENTIFIER_LEN}", s.len()),
+                ))
+            } else if s.chars().any(char::is_control) {
+                Err(invalid(field, "must not contain control characters"))
+            } else {
+                Ok(Some(s))
+            }
+        }
+        Some(other) => Err(invalid(field, &format!("must be a string, got {}", json_kind(&other)))),
+    }
+}
+
+fn required_uuid(object: &mut Map<String, Value>, field: &str) -> Result<Uuid, DeadLetterReason> {
+    optional_uuid(object, field)?.ok_or_else(|| missing(field))
+}
+
+fn optional_uuid(object: &mut Map<String, Value>, field: &str) -> Result<Option<Uuid>, DeadLetterReason> {
+    match object.remove(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Uuid::parse_str(&s)
+            .map(Some)
+            .map_err(|_| invalid(field, &format!("must be a UUID, got {:?}", truncate(&s)))),
+        Some(other) => Err(invalid(field, &format!("must be a UUID string, got {}", json_kind(&other)))),
+    }
+}
+
+fn timestamp(value: Value, field: &str) -> Result<DateTime<Utc>, DeadLetterReason> {
+    let Value::String(s) = value else {
+        return Err(invalid(
+            field,
+            &format!("must be an RFC 3339 string, got {}", json_kind(&value)),
+        ));
+    };
+    DateTime::parse_from_rfc3339(&s)
+        .map(|t| t.with_timezone(&Utc))
+        .map_err(|e| invalid(field, &format!("must be an RFC 3339 timestamp, got {:?} ({e})", truncate(&s))))
+}
+
+fn stream_version(value: Option<Value>, field: &str) -> Result<Option<i64>, DeadLetterReason> {
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Number(n)) => match n.as_i64() {
+            Some(v) if v >= 1 => Ok(Some(v)),
+            _ => Err(invalid(field, &format!("must be an integer >= 1, got {n}"))),
+        },
+        // Binary-mode CloudEvents carry every attribute as a string.
+        Some(Value::String(s)) if field == "streamversion" => match s.parse::<i64>() {
+            Ok(v) if v >= 1 => Ok(Some(v)),
+            _ => Err(invalid(field, &format!("must be an integer >= 1, got {:?}", truncate(&s)))),
+        },
+        Some(other) => Err(invalid(
+            field,
+            &format!("must be an integer >= 1, got {}", json_kind(&other)),
+        )),
+    }
+}
+
+fn truncate(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.len() <= MAX {
+        return s.to_string();
+    }
+    let mut end = MAX;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &s[..end])
+}
+
+/// Path of the first string or key holding U+0000, if any.
+fn first_nul(value: &Value, path: &str) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(path.to_string()),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, v)| first_nul(v, &format!("{path}/{i}"))),
+        Value::Object(map) => map.iter().find_map(|(k, v)| {
+            let child = format!("{path}/{k}");
+            if k.contains('\0') {
+                Some(child)
+            } else {
+                first_nul(v, &child)
+            }
+        }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+#[path = "envelope_tests.rs"]
+mod tests;

@@ -1,0 +1,187 @@
+use serde_json::json;
+
+use super::*;
+use crate::record::Header;
+
+fn record_with(value: &[u8], headers: Vec<(&str, &str)>) -> RawRecord {
+    RawRecord {
+        topic: "orders".into(),
+        partition: 3,
+        offset: 42,
+        key: Some(b"order-1".to_vec()),
+        value: Some(value.to_vec()),
+        headers: headers
+            .into_iter()
+            .map(|(k, v)| Header {
+                key: k.into(),
+                value: Some(v.as_bytes().to_vec()),
+            })
+            .collect(),
+        timestamp_ms: None,
+    }
+}
+
+fn valid() -> serde_json::Value {
+    json!({
+        "event_id": "7d444840-9dc0-11d1-b245-5ffdce74fad2",
+        "event_type": "order.created",
+        "stream_id": "order-1",
+        "occurred_at": "2026-11-27T10:00:00+01:00",
+        "payload": {"total_cents": 1200},
+    })
+}
+
+fn reason_of(value: serde_json::Value) -> DeadLetterReason {
+    let bytes = value.to_string();
+    parse(&record_with(bytes.as_bytes(), vec![]), &ParseOptions::default())
+        .expect_err("should be rejected")
+        .reason
+}
+
+#[test]
+fn parses_a_native_envelope() {
+    let mut v = valid();
+    v["stream_version"] = json!(3);
+    v["correlation_id"] = json!("7d444840-9dc0-11d1-b245-5ffdce74fad3");
+    v["metadata"] = json!({"k": "v"});
+    let record = record_with(v.to_string().as_bytes(), vec![("traceparent", "00-1")]);
+    let event = parse(&record, &ParseOptions::default()).expect("valid");
+    assert_eq!(event.event_type, "order.created");
+    assert_eq!(event.stream_version, Some(3));
+    assert_eq!(event.occurred_at.to_rfc3339(), "2026-11-27T09:00:00+00:00");
+    assert_eq!(event.kafka_offset, 42);
+    assert_eq!(event.headers, json!([{"key": "traceparent", "value": "00-1"}]));
+}
+
+#[test]
+fn same_content_same_hash_whatever_the_key_order() {
+    let a = r#"{"event_id":"7d444840-9dc0-11d1-b245-5ffdce74fad2","event_type":"t","stream_id":"s","occurred_at":"2026-01-01T00:00:00Z","payload":{"a":1,"b":2}}"#;
+    let b = r#"{"payload":{"b":2,"a":1},"occurred_at":"2026-01-01T00:00:00Z","stream_id":"s","event_type":"t","event_id":"7d444840-9dc0-11d1-b245-5ffdce74fad2"}"#;
+    let c = r#"{"payload":{"b":3,"a":1},"occurred_at":"2026-01-01T00:00:00Z","stream_id":"s","event_type":"t","event_id":"7d444840-9dc0-11d1-b245-5ffdce74fad2"}"#;
+    let opts = ParseOptions::default();
+    let ha = parse(&record_with(a.as_bytes(), vec![]), &opts).unwrap().content_hash;
+    let hb = parse(&record_with(b.as_bytes(), vec![]), &opts).unwrap().content_hash;
+    let hc = parse(&record_with(c.as_bytes(), vec![]), &opts).unwrap().content_hash;
+    assert_eq!(ha, hb);
+    assert_ne!(ha, hc);
+}
+
+#[test]
+fn rejects_with_precise_reasons() {
+    let opts = ParseOptions::default();
+    let r = parse(&record_with(b"", vec![]), &opts).unwrap_err();
+    assert_eq!(r.reason.code(), "empty_value");
+    let r = parse(&record_with(&[0xff, 0xfe, b'{'], vec![]), &opts).unwrap_err();
+    assert_eq!(r.reason.code(), "invalid_utf8");
+    assert_eq!(r.value.as_deref(), Some(&[0xff, 0xfe, b'{'][..]), "raw bytes are kept");
+    let r = parse(&record_with(b"{nope", vec![]), &opts).unwrap_err();
+    assert_eq!(r.reason.code(), "not_json");
+    assert_eq!(reason_of(json!([1, 2])).code(), "not_an_object");
+
+    for field in ["event_id", "event_type", "stream_id", "occurred_at", "payload"] {
+        let mut v = valid();
+        v.as_object_mut().unwrap().remove(field);
+        assert_eq!(
+            reason_of(v),
+            DeadLetterReason::MissingField { field: field.into() },
+            "{field}"
+        );
+    }
+    let cases = [
+        ("event_id", json!("not-a-uuid")),
+        ("occurred_at", json!("yesterday")),
+        ("occurred_at", json!(12)),
+        ("payload", json!([1])),
+        ("payload", json!("text")),
+        ("stream_version", json!(0)),
+        ("stream_version", json!("3")),
+        ("correlation_id", json!("x")),
+        ("metadata", json!(1)),
+        ("event_type", json!("")),
+        ("stream_id", json!(7)),
+    ];
+    for (field, value) in cases {
+        let mut v = valid();
+        v[field] = value.clone();
+        match reason_of(v) {
+            DeadLetterReason::InvalidField { field: f, problem } => assert_eq!(f, field, "{problem}"),
+            other => panic!("{field}={value}: {other:?}"),
+        }
+    }
+    let mut v = valid();
+    v["colour"] = json!("blue");
+    assert_eq!(reason_of(v), DeadLetterReason::UnknownField { field: "colour".into() });
+
+    let mut v = valid();
+    v["payload"] = json!({"note": "nul \u{0000} here"});
+    assert_eq!(reason_of(v).code(), "invalid_field");
+}
+
+#[test]
+fn enforces_the_payload_limit() {
+    let mut v = valid();
+    v["payload"] = json!({"blob": "x".repeat(2000)});
+    let record = record_with(v.to_string().as_bytes(), vec![]);
+    let r = parse(&record, &ParseOptions { max_payload_bytes: 1000 }).unwrap_err();
+    assert!(matches!(r.reason, DeadLetterReason::PayloadTooLarge { max: 1000, .. }));
+    assert!(r.reason.to_string().contains("over the configured maximum of 1000"));
+}
+
+#[test]
+fn accepts_structured_cloudevents() {
+    let ce = json!({
+        "specversion": "1.0",
+        "id": "A234-1234-1234",
+        "source": "/orders",
+        "type": "order.paid",
+        "subject": "order-7",
+        "time": "2026-11-27T10:00:00Z",
+        "datacontenttype": "application/json",
+        "correlationid": "7d444840-9dc0-11d1-b245-5ffdce74fad3",
+        "tenant": "eu",
+        "data": {"amount_cents": 10},
+    });
+    let record = record_with(
+        ce.to_string().as_bytes(),
+        vec![("content-type", "application/cloudevents+json; charset=utf-8")],
+    );
+    let event = parse(&record, &ParseOptions::default()).expect("valid cloudevent");
+    assert_eq!(event.event_type, "order.paid");
+    assert_eq!(event.stream_id, "order-7");
+    assert_eq!(event.source.as_deref(), Some("/orders"));
+    assert!(event.correlation_id.is_some());
+    assert_eq!(event.payload, json!({"amount_cents": 10}));
+    let meta = event.metadata.expect("metadata");
+    assert_eq!(meta["cloudevents"]["tenant"], "eu");
+    assert_eq!(meta["cloudevents"]["id"], "A234-1234-1234");
+    // A non-UUID id maps to a stable UUID, so retries still deduplicate.
+    let again = parse(&record, &ParseOptions::default()).unwrap();
+    assert_eq!(event.event_id, again.event_id);
+}
+
+#[test]
+fn accepts_binary_cloudevents() {
+    let record = record_with(
+        br#"{"amount_cents": 10}"#,
+        vec![
+            ("ce_specversion", "1.0"),
+            ("ce_id", "7d444840-9dc0-11d1-b245-5ffdce74fad9"),
+            ("ce_source", "/payments"),
+            ("ce_type", "payment.captured"),
+            ("ce_time", "2026-11-27T10:00:00Z"),
+            ("ce_causationid", "7d444840-9dc0-11d1-b245-5ffdce74fad3"),
+            ("content-type", "application/json"),
+        ],
+    );
+    let event = parse(&record, &ParseOptions::default()).expect("valid cloudevent");
+    assert_eq!(event.event_id.to_string(), "7d444840-9dc0-11d1-b245-5ffdce74fad9");
+    assert_eq!(event.stream_id, "order-1", "falls back to the record key");
+    assert!(event.causation_id.is_some());
+
+    let missing_type = record_with(
+        br#"{"a": 1}"#,
+        vec![("ce_specversion", "1.0"), ("ce_id", "1"), ("ce_source", "/x"), ("ce_time", "2026-11-27T10:00:00Z")],
+    );
+    let r = parse(&missing_type, &ParseOptions::default()).unwrap_err();
+    assert_eq!(r.reason, DeadLetterReason::MissingField { field: "type".into() });
+}

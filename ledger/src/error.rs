@@ -1,0 +1,50 @@
+//! Errors of the event store.
+
+/// Store failures, split by what the caller should do about them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database is unreachable, restarting or overloaded: retry later.
+    #[error("event store unavailable: {0}")]
+    Unavailable(String),
+    /// A concurrent writer stored the same event first: retry the batch now,
+    /// it will be classified against what is now stored.
+    #[error("concurrent write conflict: {0}")]
+    Conflict(String),
+    /// Anything retrying will not fix (a schema mismatch, a bug).
+    #[error("event store failed: {0}")]
+    Fatal(String),
+}
+
+impl StoreError {
+    pub fn is_retryable(&self) -> bool {
+        !matches!(self, Self::Fatal(_))
+    }
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(error: sqlx::Error) -> Self {
+        use sqlx::Error as E;
+        match &error {
+            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::Tls(_) | E::WorkerCrashed | E::Protocol(_) => {
+                Self::Unavailable(error.to_string())
+            }
+            E::Database(db) => {
+                let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+                let message = format!("{} (SQLSTATE {code})", db.message());
+                match code.as_str() {
+                    // unique_violation: another partition stored the same event_id meanwhile.
+                    "23505" => Self::Conflict(message),
+                    // serialization_failure, deadlock_detected
+                    "40001" | "40P01" => Self::Conflict(message),
+                    // connection exceptions, operator intervention (shutdown, restart),
+                    // insufficient resources, crash recovery
+                    c if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c.starts_with("58") => {
+                        Self::Unavailable(message)
+                    }
+                    _ => Self::Fatal(message),
+                }
+            }
+            _ => Self::Fatal(error.to_string()),
+        }
+    }
+}

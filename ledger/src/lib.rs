@@ -1,0 +1,18 @@
+//! The audit trail's domain: what an event is, how a raw Kafka record becomes
+//! one (or a dead letter), and where events are kept.
+//!
+//! Everything here is shared by the node, the actors, the API and the chaos
+//! simulations, so it must not depend on Kafka or on an actor runtime.
+
+pub mod batch;
+pub mod envelope;
+pub mod error;
+pub mod record;
+pub mod store;
+pub mod testing;
+
+pub use batch::{classify, Classified, PreparedBatch};
+pub use envelope::{DeadLetter, DeadLetterReason, Event, ParseOptions};
+pub use error::StoreError;
+pub use record::{Header, RawRecord};
+pub use store::{BatchStats, EventStore, OffsetKey, WriteBatch, WriteOutcome};

@@ -1,0 +1,454 @@
+//! The PostgreSQL event store.
+//!
+//! One transaction per batch: lock the partition's offset row, check it is
+//! where this writer expects it (fencing), classify against stored events,
+//! COPY the new events, insert dead letters and duplicates, move the offset.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use chrono::SecondsFormat;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, Executor, Row};
+use uuid::Uuid;
+
+use super::{BatchStats, EventStore, OffsetKey, WriteBatch, WriteOutcome};
+use crate::batch::{classify, Classified, ExistingEvent};
+use crate::envelope::Event;
+use crate::error::StoreError;
+
+/// The SQL migrations in migrations/, embedded in the binary.
+pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
+
+/// The group role the node writes with: INSERT and SELECT on the store only.
+pub const WRITER_ROLE: &str = "audit_writer";
+
+/// How the node connects.
+#[derive(Debug, Clone)]
+pub struct PgConfig {
+    pub url: String,
+    pub max_connections: u32,
+    /// Role to `SET ROLE` to on every connection; `None` keeps the login role.
+    pub role: Option<String>,
+    pub statement_timeout: Duration,
+    pub acquire_timeout: Duration,
+}
+
+impl PgConfig {
+    pub fn new(url: impl Into<String>) -> Self {
+        Self {
+            url: url.into(),
+            max_connections: 4,
+            role: Some(WRITER_ROLE.to_string()),
+            statement_timeout: Duration::from_secs(60),
+            acquire_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Parses a database URL, with an error that never echoes the password.
+pub fn connect_options(url: &str) -> Result<PgConnectOptions, StoreError> {
+    PgConnectOptions::from_str(url)
+        .map(|o| o.log_statements(tracing::log::LevelFilter::Debug))
+        .map_err(|e| StoreError::Fatal(format!("invalid database URL {}: {e}", redact_url(url))))
+}
+
+/// The URL with any password replaced, safe for logs and errors.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    let (authority, tail) = match rest.find(['/', '?']) {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    match authority.rsplit_once('@') {
+        Some((userinfo, host)) => {
+            let user = userinfo.split(':').next().unwrap_or_default();
+            if userinfo.contains(':') {
+                format!("{scheme}://{user}:***@{host}{tail}")
+            } else {
+                format!("{scheme}://{user}@{host}{tail}")
+            }
+        }
+        None => url.to_string(),
+    }
+}
+
+fn quote_ident(ident: &str) -> String {
+    format!("\"{}\"", ident.replace('"', "\"\""))
+}
+
+/// Creates the database named in `url` if it does not exist, connecting to
+/// the server's `postgres` database to do so.
+pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
+    let options = connect_options(url)?;
+    let Some(name) = options.get_database().map(str::to_string) else {
+        return Ok(false);
+    };
+    let mut admin = options
+        .clone()
+        .database("postgres")
+        .connect()
+        .await
+        .map_err(|e| unreachable(url, e))?;
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await?;
+    if !exists {
+        match admin.execute(format!("CREATE DATABASE {}", quote_ident(&name)).as_str()).await {
+            Ok(_) => {}
+            // Created concurrently by someone else: fine.
+            Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let _ = admin.close().await;
+    Ok(!exists)
+}
+
+/// Applies the embedded migrations with the login role of `url`.
+pub async fn migrate(url: &str) -> Result<(), StoreError> {
+    let mut conn = connect_options(url)?
+        .connect()
+        .await
+        .map_err(|e| unreachable(url, e))?;
+    MIGRATOR
+        .run(&mut conn)
+        .await
+        .map_err(|e| StoreError::Fatal(format!("migration failed on {}: {e}", redact_url(url))))?;
+    let _ = conn.close().await;
+    Ok(())
+}
+
+fn unreachable(url: &str, error: sqlx::Error) -> StoreError {
+    StoreError::Unavailable(format!(
+        "cannot connect to PostgreSQL at {}: {error}; check that the server runs and that --database-url (AUDIT_DATABASE_URL) is right",
+        redact_url(url)
+    ))
+}
+
+#[derive(Debug, Clone)]
+pub struct PgEventStore {
+    pool: PgPool,
+}
+
+impl PgEventStore {
+    /// Connects lazily-checked: fails now if the server is unreachable or the
+    /// role cannot be assumed, so misconfiguration shows at start-up.
+    pub async fn connect(config: &PgConfig) -> Result<Self, StoreError> {
+        let options = connect_options(&config.url)?;
+        let role = config.role.clone();
+        let statement_timeout = config.statement_timeout.as_millis();
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_connections)
+            .acquire_timeout(config.acquire_timeout)
+            .after_connect(move |conn, _meta| {
+                let role = role.clone();
+                Box::pin(async move {
+                    let mut setup = format!("SET statement_timeout = {statement_timeout};");
+                    if let Some(role) = role {
+                        let _ = write!(setup, "SET ROLE {};", quote_ident(&role));
+                    }
+                    conn.execute(setup.as_str()).await?;
+                    Ok(())
+                })
+            })
+            .connect_with(options)
+            .await
+            .map_err(|e| match e {
+                sqlx::Error::Database(db) if db.code().as_deref() == Some("42501") => StoreError::Fatal(format!(
+                    "connected to {} but cannot assume role {:?}: {}; grant it to the login user (GRANT {} TO <user>)",
+                    redact_url(&config.url),
+                    config.role.as_deref().unwrap_or_default(),
+                    db.message(),
+                    config.role.as_deref().unwrap_or_default(),
+                )),
+                other => unreachable(&config.url, other),
+            })?;
+        Ok(Self { pool })
+    }
+
+    pub fn from_pool(pool: PgPool) -> Self {
+        Self { pool }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Creates this month's and the next `months_ahead` monthly partitions.
+    pub async fn ensure_partitions(&self, months_ahead: i32) -> Result<i32, StoreError> {
+        Ok(sqlx::query_scalar("SELECT audit_ensure_event_partitions($1)")
+            .bind(months_ahead)
+            .fetch_one(&self.pool)
+            .await?)
+    }
+
+    /// Cheap liveness check for readiness probes.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl EventStore for PgEventStore {
+    async fn stored_offset(&self, key: &OffsetKey) -> Result<Option<i64>, StoreError> {
+        let row: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT next_offset FROM consumer_offsets WHERE group_id = $1 AND topic = $2 AND partition = $3",
+        )
+        .bind(&key.group_id)
+        .bind(&key.topic)
+        .bind(key.partition)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.flatten())
+    }
+
+    async fn write_batch(&self, write: WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
+        let key = write.key;
+        let mut tx = self.pool.begin().await?;
+        if write.expected.is_none() {
+            // First batch of this partition: claim the row so a concurrent
+            // first writer blocks on it instead of racing past the check.
+            sqlx::query(
+                "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_by)
+                 VALUES ($1, $2, $3, NULL, $4) ON CONFLICT DO NOTHING",
+            )
+            .bind(&key.group_id)
+            .bind(&key.topic)
+            .bind(key.partition)
+            .bind(write.writer)
+            .execute(&mut *tx)
+            .await?;
+        }
+        let stored: Option<Option<i64>> = sqlx::query_scalar(
+            "SELECT next_offset FROM consumer_offsets
+             WHERE group_id = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
+        )
+        .bind(&key.group_id)
+        .bind(&key.topic)
+        .bind(key.partition)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let stored = stored.flatten();
+        if stored != write.expected {
+            return Ok(WriteOutcome::Fenced { stored });
+        }
+
+        let ids = write.batch.event_ids();
+        let mut existing = HashMap::new();
+        if !ids.is_empty() {
+            let rows = sqlx::query("SELECT event_id, content_hash, seq FROM events WHERE event_id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&mut *tx)
+                .await?;
+            for row in rows {
+                let id: Uuid = row.try_get(0)?;
+                let hash: Vec<u8> = row.try_get(1)?;
+                let seq: i64 = row.try_get(2)?;
+                existing.insert(
+                    id,
+                    ExistingEvent {
+                        content_hash: hash.try_into().unwrap_or([0; 32]),
+                        location: format!("seq {seq}"),
+                    },
+                );
+            }
+        }
+        let Classified {
+            events,
+            dead_letters,
+            duplicates,
+        } = classify(write.batch, &existing);
+
+        if !events.is_empty() {
+            let mut copy = tx
+                .copy_in_raw(
+                    "COPY events (event_id, event_type, stream_id, stream_version, occurred_at, source,
+                     correlation_id, causation_id, subject_id, payload, metadata, headers, content_hash,
+                     kafka_topic, kafka_partition, kafka_offset) FROM STDIN",
+                )
+                .await?;
+            let mut buffer = String::with_capacity(events.len() * 1024);
+            for event in &events {
+                encode_copy_row(&mut buffer, event);
+            }
+            if let Err(e) = copy.send(buffer.into_bytes()).await {
+                let _ = copy.abort("send failed").await;
+                return Err(e.into());
+            }
+            copy.finish().await?;
+        }
+        for dead in &dead_letters {
+            sqlx::query(
+                "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, raw_key, raw_value,
+                 headers, event_id, reason_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+            )
+            .bind(&dead.kafka_topic)
+            .bind(dead.kafka_partition)
+            .bind(dead.kafka_offset)
+            .bind(dead.key.as_deref())
+            .bind(dead.value.as_deref())
+            .bind(&dead.headers)
+            .bind(dead.event_id)
+            .bind(dead.reason.code())
+            .bind(dead.reason.to_string())
+            .execute(&mut *tx)
+            .await?;
+        }
+        for duplicate in &duplicates {
+            sqlx::query(
+                "INSERT INTO duplicates (kafka_topic, kafka_partition, kafka_offset, event_id)
+                 VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&duplicate.kafka_topic)
+            .bind(duplicate.kafka_partition)
+            .bind(duplicate.kafka_offset)
+            .bind(duplicate.event_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+        sqlx::query(
+            "UPDATE consumer_offsets SET next_offset = $4, updated_at = now(), updated_by = $5
+             WHERE group_id = $1 AND topic = $2 AND partition = $3",
+        )
+        .bind(&key.group_id)
+        .bind(&key.topic)
+        .bind(key.partition)
+        .bind(write.batch.next_offset)
+        .bind(write.writer)
+        .execute(&mut *tx)
+        .await?;
+        tx.commit().await?;
+        Ok(WriteOutcome::Committed(BatchStats {
+            events: events.len() as u64,
+            dead_letters: dead_letters.len() as u64,
+            duplicates: duplicates.len() as u64,
+        }))
+    }
+}
+
+/// Appends one row in COPY's text format (tab-separated, `\N` for NULL).
+fn encode_copy_row(out: &mut String, event: &Event) {
+    let _ = write!(out, "{}\t", event.event_id);
+    copy_text(out, &event.event_type);
+    out.push('\t');
+    copy_text(out, &event.stream_id);
+    out.push('\t');
+    match event.stream_version {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("\\N"),
+    }
+    out.push('\t');
+    out.push_str(&event.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+    out.push('\t');
+    copy_opt_text(out, event.source.as_deref());
+    out.push('\t');
+    copy_opt_uuid(out, event.correlation_id);
+    out.push('\t');
+    copy_opt_uuid(out, event.causation_id);
+    out.push('\t');
+    copy_opt_text(out, event.subject_id.as_deref());
+    out.push('\t');
+    copy_text(out, &event.payload.to_string());
+    out.push('\t');
+    match &event.metadata {
+        Some(m) => copy_text(out, &m.to_string()),
+        None => out.push_str("\\N"),
+    }
+    out.push('\t');
+    copy_text(out, &event.headers.to_string());
+    out.push('\t');
+    // bytea in text COPY: `\\x` + hex (the backslash itself is escaped).
+    out.push_str("\\\\x");
+    out.push_str(&hex::encode(event.content_hash));
+    out.push('\t');
+    copy_text(out, &event.kafka_topic);
+    let _ = writeln!(out, "\t{}\t{}", event.kafka_partition, event.kafka_offset);
+}
+
+fn copy_opt_text(out: &mut String, value: Option<&str>) {
+    match value {
+        Some(v) => copy_text(out, v),
+        None => out.push_str("\\N"),
+    }
+}
+
+fn copy_opt_uuid(out: &mut String, value: Option<Uuid>) {
+    match value {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("\\N"),
+    }
+}
+
+fn copy_text(out: &mut String, value: &str) {
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '\t' => out.push_str("\\t"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            c => out.push(c),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://audit:s3cret@db:5432/audit?sslmode=require"),
+            "postgres://audit:***@db:5432/audit?sslmode=require"
+        );
+        assert_eq!(redact_url("postgres://audit@db/audit"), "postgres://audit@db/audit");
+        assert_eq!(redact_url("postgres:///audit"), "postgres:///audit");
+    }
+
+    #[test]
+    fn copy_text_escapes_separators() {
+        let mut out = String::new();
+        copy_text(&mut out, "a\tb\nc\\d\re");
+        assert_eq!(out, "a\\tb\\nc\\\\d\\re");
+    }
+}
+
+/// The local PostgreSQL server through its Unix socket, as the current OS
+/// user (PostgreSQL's usual peer authentication), for `dev` and the tests.
+pub fn local_database_url(database: &str) -> String {
+    let user = std::env::var("PGUSER")
+        .ok()
+        .filter(|u| !u.is_empty())
+        .or_else(os_user_name)
+        .unwrap_or_else(|| "postgres".to_string());
+    let socket_dir = std::env::var("PGHOST")
+        .ok()
+        .filter(|h| h.starts_with('/'))
+        .unwrap_or_else(|| "/var/run/postgresql".to_string());
+    format!("postgres://{user}@localhost/{database}?host={socket_dir}")
+}
+
+/// The name of the effective OS user, as peer authentication sees it.
+fn os_user_name() -> Option<String> {
+    // SAFETY: getpwuid returns a pointer into static storage or null; the
+    // name is copied out before any other call could overwrite it.
+    unsafe {
+        let entry = libc::getpwuid(libc::geteuid());
+        if entry.is_null() || (*entry).pw_name.is_null() {
+            return None;
+        }
+        std::ffi::CStr::from_ptr((*entry).pw_name).to_str().ok().map(str::to_string)
+    }
+}

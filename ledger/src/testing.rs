@@ -1,0 +1,58 @@
+//! Test support: a throw-away database per test on the real PostgreSQL.
+//!
+//! Set `AUDIT_TEST_DATABASE_URL` to a server URL (its database part is
+//! replaced); otherwise the local server's Unix socket is used.
+
+use rand::Rng;
+use sqlx::{ConnectOptions, Connection, Executor};
+
+use crate::error::StoreError;
+use crate::store::postgres::{connect_options, create_database_if_missing, local_database_url, migrate};
+
+/// A freshly created, migrated database with a random name. Dropped (best
+/// effort) by [`TestDatabase::drop_database`]; leftovers are named
+/// `audit_test_*` and harmless.
+pub struct TestDatabase {
+    pub name: String,
+    pub url: String,
+}
+
+impl TestDatabase {
+    pub async fn create() -> Result<Self, StoreError> {
+        let suffix: u64 = rand::thread_rng().gen();
+        let name = format!("audit_test_{suffix:016x}");
+        let url = match std::env::var("AUDIT_TEST_DATABASE_URL") {
+            Ok(base) => replace_database(&base, &name),
+            Err(_) => local_database_url(&name),
+        };
+        create_database_if_missing(&url).await?;
+        migrate(&url).await?;
+        Ok(Self { name, url })
+    }
+
+    pub async fn drop_database(self) {
+        let Ok(options) = connect_options(&self.url) else { return };
+        if let Ok(mut admin) = options.database("postgres").connect().await {
+            let _ = admin
+                .execute(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name).as_str())
+                .await;
+            let _ = admin.close().await;
+        }
+    }
+}
+
+fn replace_database(url: &str, name: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let scheme_end = base.find("://").map(|i| i + 3).unwrap_or(0);
+    let base = match base[scheme_end..].find('/') {
+        Some(i) => &base[..scheme_end + i],
+        None => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{name}?{q}"),
+        None => format!("{base}/{name}"),
+    }
+}

@@ -1,0 +1,4 @@
+mod produce;
+mod traffic;
+
+fn main() {}
