@@ -1,4 +1,216 @@
+//! `audit-node`: the order-audit-trail node and its tools.
+//!
+//! A thin shell: each command parses its flags (every flag has an
+//! environment variable) and calls into the library crates.
+
+mod bench;
+mod dev;
+mod mock;
+mod node;
 mod produce;
+mod settings;
 mod traffic;
 
-fn main() {}
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tracing_subscriber::EnvFilter;
+
+use crate::settings::{FileConfig, Identity, NodeSettings, Tuning};
+
+#[derive(Parser, Debug)]
+#[command(name = "audit-node", version, about = "Immutable, verifiable audit trail of business events from Kafka")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "AUDIT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One command for a new user: mock Kafka, local PostgreSQL, a node, demo traffic.
+    Dev(dev::DevArgs),
+    /// The production node: consume topics into the event store.
+    Run(RunArgs),
+    /// Apply the database migrations and exit.
+    Migrate(MigrateArgs),
+    /// A standalone Kafka-protocol cluster (librdkafka's mock) for tests and demos.
+    KafkaMock(KafkaMockArgs),
+    /// Produce realistic order lifecycles (with personal data) to a topic.
+    Produce(produce::ProduceArgs),
+    /// Benchmarks.
+    Bench(bench::BenchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct RunArgs {
+    /// Kafka bootstrap servers, comma-separated host:port.
+    #[arg(long, env = "AUDIT_BROKERS")]
+    brokers: String,
+    /// Topics to consume, comma-separated.
+    #[arg(long, env = "AUDIT_TOPICS", value_delimiter = ',', required = true)]
+    topics: Vec<String>,
+    /// Consumer group; offsets are stored per group in PostgreSQL.
+    #[arg(long, env = "AUDIT_GROUP_ID")]
+    group_id: String,
+    /// PostgreSQL URL, e.g. postgres://user:pass@host/db.
+    #[arg(long, env = "AUDIT_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Node id (logs, consumer_offsets.updated_by, Kafka client.id); default: $HOSTNAME.
+    #[arg(long, env = "AUDIT_NODE_ID")]
+    node_id: Option<String>,
+    /// TOML file with tunables (flags win over it).
+    #[arg(long, env = "AUDIT_CONFIG")]
+    config: Option<PathBuf>,
+    /// Do not apply migrations at start (when the node's login role may not change the schema).
+    #[arg(long, env = "AUDIT_NO_MIGRATE")]
+    no_migrate: bool,
+    /// Address of the HTTP API (health, readiness, metrics).
+    #[arg(long, env = "AUDIT_API_ADDR", default_value = "127.0.0.1:8080")]
+    api_addr: SocketAddr,
+    #[command(flatten)]
+    tuning: Tuning,
+}
+
+#[derive(clap::Args, Debug)]
+struct MigrateArgs {
+    /// PostgreSQL URL of a role that may create tables and roles.
+    #[arg(long, env = "AUDIT_DATABASE_URL", hide_env_values = true)]
+    database_url: String,
+    /// Create the database first if it does not exist.
+    #[arg(long, env = "AUDIT_CREATE_DATABASE")]
+    create_database: bool,
+}
+
+#[derive(clap::Args, Debug)]
+struct KafkaMockArgs {
+    /// Number of brokers.
+    #[arg(long, env = "AUDIT_MOCK_BROKERS", default_value_t = 3)]
+    brokers: i32,
+    /// Topic to create as NAME:PARTITIONS; repeat for more topics.
+    #[arg(long = "topic", env = "AUDIT_MOCK_TOPICS", value_delimiter = ',')]
+    topics: Vec<mock::TopicSpec>,
+    /// File to write the bootstrap address to once the cluster is ready.
+    #[arg(long, env = "AUDIT_MOCK_BOOTSTRAP_FILE")]
+    bootstrap_file: Option<PathBuf>,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command));
+    // Do not wait for stray blocking tasks (a wedged Kafka client close).
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Run(args) => run(args).await,
+        Command::Migrate(args) => {
+            if args.create_database {
+                audit_ledger::store::postgres::create_database_if_missing(&args.database_url).await?;
+            }
+            audit_ledger::store::postgres::migrate(&args.database_url).await?;
+            println!("migrations applied to {}", audit_ledger::store::postgres::redact_url(&args.database_url));
+            Ok(())
+        }
+        Command::KafkaMock(args) => kafka_mock(args).await,
+        Command::Produce(args) => {
+            let summary = produce::run(args).await?;
+            println!("{}", serde_json::to_string(&summary)?);
+            Ok(())
+        }
+        Command::Bench(args) => bench::run(args).await,
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let metrics = install_metrics()?;
+    let file = FileConfig::load(args.config.as_deref())?;
+    let mut settings = NodeSettings::resolve(
+        Identity {
+            brokers: &args.brokers,
+            topics: args.topics.clone(),
+            group_id: &args.group_id,
+            database_url: &args.database_url,
+            node_id: args.node_id.clone().unwrap_or_else(settings::default_node_id),
+            default_group_protocol: "classic",
+        },
+        &args.tuning,
+        file,
+    )?;
+    settings.api_addr = Some(args.api_addr);
+    settings.migrate = !args.no_migrate;
+    let node = node::start(settings, Some(metrics)).await?;
+    tracing::info!(topics = ?args.topics, group_id = %args.group_id, "node running");
+    node.run_until(shutdown_signal()).await
+}
+
+async fn kafka_mock(args: KafkaMockArgs) -> anyhow::Result<()> {
+    let cluster = mock::start(args.brokers, &args.topics)?;
+    if let Some(path) = &args.bootstrap_file {
+        mock::write_atomically(path, cluster.bootstrap())?;
+    }
+    println!("kafka mock cluster ready: {}", cluster.bootstrap());
+    shutdown_signal().await;
+    // Leave the stopping cluster alone off the runtime.
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .context("stopping the mock cluster")?;
+    Ok(())
+}
+
+/// Resolves on SIGTERM or SIGINT.
+pub async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+    tracing::info!("shutdown requested");
+}
+
+pub fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("installing the Prometheus metrics recorder")
+}
+
+fn init_tracing(format: &str) {
+    let filter = EnvFilter::try_from_env("AUDIT_LOG").unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+    // librdkafka and sqlx also log through the `log` crate.
+    let _ = tracing_log::LogTracer::init();
+}

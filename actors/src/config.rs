@@ -1,0 +1,45 @@
+//! Tuning of the partition pipeline.
+
+use std::time::Duration;
+
+use audit_ledger::ParseOptions;
+
+use crate::restart::RestartPolicy;
+
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Most records in one batch (one transaction).
+    pub batch_max_records: usize,
+    /// How long a partition waits to fill a batch once it has a record.
+    pub batch_linger: Duration,
+    /// How long a partition waits for a first record before checking in.
+    pub poll_wait: Duration,
+    /// Batches in flight across the whole node: bounds the node's memory
+    /// whatever the number of partitions.
+    pub max_inflight_batches: usize,
+    /// Retry delays after a failed store write (exponential, capped).
+    pub write_retry_base: Duration,
+    pub write_retry_max: Duration,
+    pub parse: ParseOptions,
+    pub restart: RestartPolicy,
+    /// Written to `consumer_offsets.updated_by`.
+    pub node_id: String,
+    pub group_id: String,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            batch_max_records: 2000,
+            batch_linger: Duration::from_millis(50),
+            poll_wait: Duration::from_millis(500),
+            max_inflight_batches: 8,
+            write_retry_base: Duration::from_millis(100),
+            write_retry_max: Duration::from_secs(10),
+            parse: ParseOptions::default(),
+            restart: RestartPolicy::default(),
+            node_id: "node".into(),
+            group_id: "audit-trail".into(),
+        }
+    }
+}

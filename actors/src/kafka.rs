@@ -1,0 +1,364 @@
+//! The Kafka side: a [`Connector`] that joins the consumer group with one
+//! rdkafka consumer, and a [`RecordSource`] per assigned partition built on
+//! rdkafka's partition queues (`split_partition_queue`), so a slow partition
+//! never blocks the others.
+//!
+//! Only standard consumer-group features are used, so the same code runs on
+//! Apache Kafka, Redpanda, MSK and librdkafka's mock cluster.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use audit_ledger::{Header, RawRecord};
+use ractor::ActorRef;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::util::Timeout;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+
+use crate::consumer::{Assignment, Connector, ConnectorHandle, ConsumerMsg};
+use crate::source::{RecordSource, SourceError};
+
+/// How the node talks to Kafka.
+#[derive(Debug, Clone)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topics: Vec<String>,
+    pub group_id: String,
+    pub client_id: String,
+    /// `classic` (cooperative-sticky assignment) or `consumer` (KIP-848,
+    /// Kafka 4.0+; much faster rebalances).
+    pub group_protocol: String,
+    /// Classic protocol only.
+    pub session_timeout: Duration,
+    /// Prefetch bound per partition: what a paused or slow partition can
+    /// hold in memory at most.
+    pub queued_max_kbytes: u32,
+    /// Extra librdkafka properties (security, tuning), applied last.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl KafkaSettings {
+    pub fn new(brokers: impl Into<String>, topics: Vec<String>, group_id: impl Into<String>) -> Self {
+        Self {
+            brokers: brokers.into(),
+            topics,
+            group_id: group_id.into(),
+            client_id: "audit-node".into(),
+            group_protocol: "classic".into(),
+            session_timeout: Duration::from_secs(45),
+            queued_max_kbytes: 512,
+            extra: BTreeMap::new(),
+        }
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &self.brokers)
+            .set("group.id", &self.group_id)
+            .set("client.id", &self.client_id)
+            .set("group.protocol", &self.group_protocol)
+            // Offsets live in PostgreSQL; Kafka commits are informational.
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            .set("enable.partition.eof", "false")
+            // Bounded prefetch per partition (split queues count per partition).
+            .set("queued.min.messages", "2000")
+            .set("queued.max.messages.kbytes", self.queued_max_kbytes.to_string())
+            .set("max.partition.fetch.bytes", (self.queued_max_kbytes.max(64) * 1024).to_string())
+            .set_log_level(RDKafkaLogLevel::Info);
+        if self.group_protocol == "classic" {
+            config
+                .set("partition.assignment.strategy", "cooperative-sticky")
+                .set("session.timeout.ms", self.session_timeout.as_millis().to_string());
+        }
+        for (k, v) in &self.extra {
+            config.set(k, v);
+        }
+        config
+    }
+}
+
+/// Routes librdkafka's logs and rebalance callbacks.
+pub struct KafkaContext {
+    consumer_actor: ActorRef<ConsumerMsg>,
+    consumer: OnceLock<Weak<KafkaConsumer>>,
+}
+
+type KafkaConsumer = StreamConsumer<KafkaContext>;
+
+impl ClientContext for KafkaContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        use RDKafkaLogLevel::*;
+        match level {
+            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
+            Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
+            Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::warn!(target: "librdkafka", error = %error, reason, "kafka client error");
+    }
+}
+
+impl ConsumerContext for KafkaContext {
+    fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let revoked = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
+            let _ = self.consumer_actor.send_message(ConsumerMsg::Revoked(revoked));
+        }
+    }
+
+    fn post_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let Some(consumer) = self.consumer.get().and_then(Weak::upgrade) else {
+                    return;
+                };
+                let mut assignments = Vec::new();
+                for element in tpl.elements() {
+                    let (topic, partition) = (element.topic().to_string(), element.partition());
+                    match consumer.split_partition_queue(&topic, partition) {
+                        Some(queue) => assignments.push(Assignment {
+                            topic: topic.clone(),
+                            partition,
+                            source: Arc::new(KafkaPartitionSource {
+                                topic,
+                                partition,
+                                queue,
+                                consumer: consumer.clone(),
+                            }),
+                        }),
+                        None => {
+                            let _ = self.consumer_actor.send_message(ConsumerMsg::ConnectorFailed(format!(
+                                "cannot split the queue of {topic}/{partition}"
+                            )));
+                        }
+                    }
+                }
+                let _ = self.consumer_actor.send_message(ConsumerMsg::Assigned(assignments));
+            }
+            Rebalance::Error(error) => {
+                tracing::warn!(error = %error, "rebalance error");
+            }
+            Rebalance::Revoke(_) => {}
+        }
+    }
+}
+
+pub struct KafkaConnector {
+    pub settings: KafkaSettings,
+}
+
+#[async_trait]
+impl Connector for KafkaConnector {
+    async fn connect(&self, consumer_actor: ActorRef<ConsumerMsg>) -> Result<Box<dyn ConnectorHandle>, SourceError> {
+        let context = KafkaContext {
+            consumer_actor,
+            consumer: OnceLock::new(),
+        };
+        let consumer: KafkaConsumer = self
+            .settings
+            .client_config()
+            .create_with_context(context)
+            .map_err(|e| SourceError::Fatal(format!("invalid Kafka configuration: {e}")))?;
+        let consumer = Arc::new(consumer);
+        let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
+        // Fail fast with a clear message when no broker answers.
+        let probe = consumer.clone();
+        let brokers = self.settings.brokers.clone();
+        tokio::task::spawn_blocking(move || probe.fetch_metadata(None, Duration::from_secs(15)))
+            .await
+            .map_err(|e| SourceError::Fatal(e.to_string()))?
+            .map_err(|e| {
+                SourceError::Fatal(format!(
+                    "cannot reach Kafka at {brokers}: {e}; check --brokers (AUDIT_BROKERS) and that the brokers are up"
+                ))
+            })?;
+        let topics: Vec<&str> = self.settings.topics.iter().map(String::as_str).collect();
+        consumer
+            .subscribe(&topics)
+            .map_err(|e| SourceError::Fatal(format!("cannot subscribe to {topics:?}: {e}")))?;
+        // The main queue must be polled for rebalances and group heartbeats;
+        // records arrive on the partition queues, never here.
+        let poller = consumer.clone();
+        let main_loop = tokio::spawn(async move {
+            loop {
+                match tokio::time::timeout(Duration::from_secs(1), poller.recv()).await {
+                    Err(_idle) => {}
+                    Ok(Ok(message)) => tracing::warn!(
+                        topic = message.topic(),
+                        partition = message.partition(),
+                        offset = message.offset(),
+                        "record on the main queue ignored; the partition actor will seek back to it"
+                    ),
+                    Ok(Err(error)) => tracing::warn!(error = %error, "kafka consumer error"),
+                }
+            }
+        });
+        Ok(Box::new(KafkaHandle {
+            consumer: Some(consumer),
+            main_loop,
+        }))
+    }
+}
+
+struct KafkaHandle {
+    consumer: Option<Arc<KafkaConsumer>>,
+    main_loop: JoinHandle<()>,
+}
+
+#[async_trait]
+impl ConnectorHandle for KafkaHandle {
+    async fn shutdown(mut self: Box<Self>) {
+        self.main_loop.abort();
+        let _ = (&mut self.main_loop).await;
+        if let Some(consumer) = self.consumer.take() {
+            // Closing can block for the session timeout if brokers are gone:
+            // do it off the async workers, and do not wait forever.
+            let closing = tokio::task::spawn_blocking(move || {
+                consumer.unsubscribe();
+                drop(consumer);
+            });
+            if tokio::time::timeout(Duration::from_secs(10), closing).await.is_err() {
+                tracing::warn!("kafka consumer did not close within 10s; leaving it behind");
+            }
+        }
+    }
+}
+
+impl Drop for KafkaHandle {
+    fn drop(&mut self) {
+        self.main_loop.abort();
+    }
+}
+
+pub struct KafkaPartitionSource {
+    topic: String,
+    partition: i32,
+    queue: StreamPartitionQueue<KafkaContext>,
+    consumer: Arc<KafkaConsumer>,
+}
+
+fn to_record(message: &BorrowedMessage<'_>) -> RawRecord {
+    RawRecord {
+        topic: message.topic().to_string(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key().map(<[u8]>::to_vec),
+        value: message.payload().map(<[u8]>::to_vec),
+        headers: message
+            .headers()
+            .map(|headers| {
+                headers
+                    .iter()
+                    .map(|h| Header {
+                        key: h.key.to_string(),
+                        value: h.value.map(<[u8]>::to_vec),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+        timestamp_ms: message.timestamp().to_millis(),
+    }
+}
+
+impl KafkaPartitionSource {
+    fn tpl(&self, offset: Option<Offset>) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        match offset {
+            Some(offset) => {
+                let _ = tpl.add_partition_offset(&self.topic, self.partition, offset);
+            }
+            None => {
+                tpl.add_partition(&self.topic, self.partition);
+            }
+        }
+        tpl
+    }
+}
+
+#[async_trait]
+impl RecordSource for KafkaPartitionSource {
+    fn topic(&self) -> &str {
+        &self.topic
+    }
+
+    fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    async fn next_batch(&self, max: usize, max_wait: Duration, linger: Duration) -> Result<Vec<RawRecord>, SourceError> {
+        let first = match tokio::time::timeout(max_wait, self.queue.recv()).await {
+            Err(_idle) => return Ok(Vec::new()),
+            Ok(Err(error)) => return Err(SourceError::Transient(error.to_string())),
+            Ok(Ok(message)) => to_record(&message),
+        };
+        let mut records = Vec::with_capacity(max.min(4096));
+        records.push(first);
+        let deadline = tokio::time::Instant::now() + linger;
+        while records.len() < max {
+            match tokio::time::timeout_at(deadline, self.queue.recv()).await {
+                Ok(Ok(message)) => records.push(to_record(&message)),
+                // An error mid-batch: keep what we have, report it next time.
+                Ok(Err(_)) | Err(_) => break,
+            }
+        }
+        Ok(records)
+    }
+
+    async fn seek(&self, offset: Option<i64>) -> Result<(), SourceError> {
+        let consumer = self.consumer.clone();
+        let (topic, partition) = (self.topic.clone(), self.partition);
+        let target = offset.map_or(Offset::Beginning, Offset::Offset);
+        tokio::task::spawn_blocking(move || {
+            // Right after an assignment librdkafka may not accept a seek yet.
+            let mut last = None;
+            for attempt in 0..20u64 {
+                match consumer.seek(&topic, partition, target, Timeout::After(Duration::from_secs(10))) {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Some(e),
+                }
+                std::thread::sleep(Duration::from_millis(50 * (attempt + 1)));
+            }
+            Err(SourceError::Fatal(format!(
+                "seek of {topic}/{partition} to {target:?} failed: {}",
+                last.map(|e| e.to_string()).unwrap_or_default()
+            )))
+        })
+        .await
+        .map_err(|e| SourceError::Fatal(e.to_string()))?
+    }
+
+    fn pause(&self) -> Result<(), SourceError> {
+        self.consumer
+            .pause(&self.tpl(None))
+            .map_err(|e| SourceError::Transient(format!("pause failed: {e}")))
+    }
+
+    fn resume(&self) -> Result<(), SourceError> {
+        self.consumer
+            .resume(&self.tpl(None))
+            .map_err(|e| SourceError::Transient(format!("resume failed: {e}")))
+    }
+
+    fn commit(&self, next_offset: i64) {
+        if let Err(error) = self
+            .consumer
+            .commit(&self.tpl(Some(Offset::Offset(next_offset))), CommitMode::Async)
+        {
+            // Expected during rebalances; the store holds the real offset.
+            tracing::debug!(topic = %self.topic, partition = self.partition, error = %error, "informational kafka commit failed");
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! `audit-node dev`: the one-command embedded default. An in-process mock
+//! Kafka cluster with topic `orders` (16 partitions), the local PostgreSQL,
+//! a node on the production code path, and demo traffic.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use audit_ledger::store::postgres::{self, local_database_url};
+use tokio::sync::watch;
+
+use crate::settings::{FileConfig, Identity, NodeSettings, Tuning};
+use crate::{mock, node, produce, traffic};
+
+pub const DEV_TOPIC: &str = "orders";
+pub const DEV_PARTITIONS: i32 = 16;
+pub const DEV_GROUP: &str = "audit-dev";
+pub const DEV_DATABASE: &str = "order_audit";
+
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Directory for the dev state (bootstrap.txt; keys and checkpoints later).
+    #[arg(long, env = "AUDIT_STATE_DIR", default_value = ".audit-dev")]
+    state_dir: PathBuf,
+    /// PostgreSQL URL; default: the local server's Unix socket, database `order_audit`.
+    #[arg(long, env = "AUDIT_DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Demo events per second; 0 turns demo traffic off.
+    #[arg(long, env = "AUDIT_DEMO_RATE", default_value_t = 20.0)]
+    demo_rate: f64,
+    /// Address of the HTTP API.
+    #[arg(long, env = "AUDIT_API_ADDR", default_value = "127.0.0.1:8080")]
+    api_addr: SocketAddr,
+    #[command(flatten)]
+    tuning: Tuning,
+}
+
+pub async fn run(args: DevArgs) -> anyhow::Result<()> {
+    produce::validate_rate(Some(args.demo_rate))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("cannot create the state directory {}", args.state_dir.display()))?;
+    let metrics = crate::install_metrics()?;
+
+    let cluster = mock::start(
+        1,
+        &[mock::TopicSpec {
+            name: DEV_TOPIC.into(),
+            partitions: DEV_PARTITIONS,
+        }],
+    )?;
+    let bootstrap = cluster.bootstrap().to_string();
+    let bootstrap_file = args.state_dir.join("bootstrap.txt");
+    mock::write_atomically(&bootstrap_file, &bootstrap)?;
+
+    let database_url = args.database_url.clone().unwrap_or_else(|| local_database_url(DEV_DATABASE));
+    if postgres::create_database_if_missing(&database_url).await? {
+        tracing::info!(database = %postgres::redact_url(&database_url), "database created");
+    }
+    let mut settings = NodeSettings::resolve(
+        Identity {
+            brokers: &bootstrap,
+            topics: vec![DEV_TOPIC.into()],
+            group_id: DEV_GROUP,
+            database_url: &database_url,
+            node_id: "dev".into(),
+            // KIP-848: joins in milliseconds on the mock cluster.
+            default_group_protocol: "consumer",
+        },
+        &args.tuning,
+        FileConfig::default(),
+    )?;
+    settings.api_addr = Some(args.api_addr);
+    let node = node::start(settings, Some(metrics)).await?;
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let traffic = (args.demo_rate > 0.0).then(|| {
+        let bootstrap = bootstrap.clone();
+        let rate = args.demo_rate;
+        let stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let producer = produce::create_producer(&bootstrap)?;
+            let seed = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
+            let mut generator = traffic::TrafficGenerator::new(seed, 0.01, 0.005).with_base_time(chrono::Utc::now());
+            produce::produce_stream(&producer, DEV_TOPIC, &mut generator, None, Some(rate), wait_for(stop)).await?;
+            produce::flush(&producer, std::time::Duration::from_secs(10)).await?;
+            anyhow::Ok(())
+        })
+    });
+
+    let api = node.api_addr.borrow().map(|a| a.to_string()).unwrap_or_else(|| args.api_addr.to_string());
+    println!("order-audit-trail dev is running");
+    println!("  kafka (mock):  {bootstrap}  (also in {})", bootstrap_file.display());
+    println!("  topic:         {DEV_TOPIC} ({DEV_PARTITIONS} partitions), consumer group {DEV_GROUP}");
+    println!("  database:      {}", postgres::redact_url(&database_url));
+    println!("  api:           http://{api}/healthz  /readyz  /metrics  /openapi.json");
+    if args.demo_rate > 0.0 {
+        println!("  demo traffic:  {} events/s (1% malformed, 0.5% duplicates)", args.demo_rate);
+    }
+    println!("  produce more:  cargo run --release -p audit-node -- produce --brokers $(cat {}) --topic {DEV_TOPIC} --count 1000", bootstrap_file.display());
+    println!("  look:          psql \"{}\" -c 'SELECT seq, event_type, stream_id, occurred_at FROM events ORDER BY seq DESC LIMIT 10'", postgres::redact_url(&database_url));
+    println!("  stop:          Ctrl-C");
+
+    // Stop the demo traffic first, so the node drains what was produced.
+    let shutdown = async {
+        crate::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    };
+    let result = node.run_until(shutdown).await;
+    if let Some(traffic) = traffic {
+        match traffic.await {
+            Ok(Err(error)) => tracing::warn!(error = %error, "demo traffic stopped with an error"),
+            Err(error) => tracing::warn!(error = %error, "demo traffic task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    // The cluster goes last, after every client (kafka-mock notes, pitfall 3).
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    result
+}
+
+async fn wait_for(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

@@ -1,0 +1,144 @@
+//! Starting and stopping one node: the store, the supervision tree (consumer
+//! and API actors), and partition maintenance. Shared by `run`, `dev` and
+//! `bench`, so all three run exactly the production path.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use audit_actors::consumer::{ConsumerSpec, CONSUMER_CHILD};
+use audit_actors::kafka::KafkaConnector;
+use audit_actors::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
+use audit_api::{ApiConfig, ApiSpec};
+use audit_ledger::store::postgres::{self, PgEventStore};
+use metrics_exporter_prometheus::PrometheusHandle;
+use ractor::{Actor, ActorRef};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+use crate::settings::NodeSettings;
+
+pub struct RunningNode {
+    supervisor: ActorRef<SupervisorMsg>,
+    join: JoinHandle<()>,
+    fatal: mpsc::UnboundedReceiver<String>,
+    maintenance: JoinHandle<()>,
+    pub store: PgEventStore,
+    pub api_addr: watch::Receiver<Option<SocketAddr>>,
+}
+
+pub async fn start(settings: NodeSettings, metrics: Option<PrometheusHandle>) -> anyhow::Result<RunningNode> {
+    let url = &settings.database.url;
+    if settings.migrate {
+        postgres::migrate(url).await?;
+        tracing::info!(database = %postgres::redact_url(url), "migrations applied");
+    }
+    let store = PgEventStore::connect(&settings.database).await?;
+    store
+        .ensure_partitions(settings.partitions_ahead_months)
+        .await
+        .context("creating monthly partitions of `events` (was the database migrated? run `audit-node migrate`)")?;
+
+    let (fatal_tx, fatal) = mpsc::unbounded_channel();
+    // The API's readiness check asks the tree, which starts after the API spec is built.
+    let tree: Arc<OnceLock<ActorRef<SupervisorMsg>>> = Arc::new(OnceLock::new());
+    let (bound_tx, api_addr) = watch::channel(None);
+    let connector = Arc::new(KafkaConnector {
+        settings: settings.kafka.clone(),
+    });
+    let mut children: Vec<Arc<dyn ChildSpec>> = vec![Arc::new(ConsumerSpec {
+        connector,
+        store: Arc::new(store.clone()),
+        config: Arc::new(settings.pipeline.clone()),
+    })];
+    if let Some(addr) = settings.api_addr {
+        children.push(Arc::new(ApiSpec(ApiConfig {
+            addr,
+            metrics,
+            readiness: readiness_check(store.clone(), tree.clone()),
+            bound: Some(bound_tx),
+        })));
+    }
+    let (supervisor, join) = Actor::spawn(
+        None,
+        NodeSupervisor,
+        SupervisorArgs {
+            children,
+            policy: settings.pipeline.restart,
+            fatal: fatal_tx,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e}"))?;
+
+    // New monthly partitions ahead of time, checked hourly.
+    let maintenance_store = store.clone();
+    let months = settings.partitions_ahead_months;
+    let maintenance = tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(3600));
+        every.tick().await;
+        loop {
+            every.tick().await;
+            if let Err(error) = maintenance_store.ensure_partitions(months).await {
+                tracing::warn!(error = %error, "partition maintenance failed; will retry in an hour");
+            }
+        }
+    });
+    let _ = tree.set(supervisor.clone());
+    Ok(RunningNode {
+        supervisor,
+        join,
+        fatal,
+        maintenance,
+        store,
+        api_addr,
+    })
+}
+
+fn readiness_check(store: PgEventStore, tree: Arc<OnceLock<ActorRef<SupervisorMsg>>>) -> audit_api::ReadinessCheck {
+    Arc::new(move || {
+        let store = store.clone();
+        let tree = tree.clone();
+        Box::pin(async move {
+            store.ping().await.map_err(|e| format!("database: {e}"))?;
+            let supervisor = tree.get().ok_or("starting")?;
+            match ractor::call!(supervisor, SupervisorMsg::Child, CONSUMER_CHILD.to_string()) {
+                Ok(Some(_)) => Ok(()),
+                _ => Err("kafka consumer: not running (restarting)".to_string()),
+            }
+        })
+    })
+}
+
+impl RunningNode {
+    /// Runs until `shutdown` resolves (graceful) or the tree gives up (error).
+    pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+        let outcome = tokio::select! {
+            _ = shutdown => Ok(()),
+            reason = self.fatal.recv() => Err(anyhow::anyhow!(reason.unwrap_or_else(|| "supervisor stopped".into()))),
+        };
+        self.stop().await;
+        outcome
+    }
+
+    /// Stops the tree: partition actors finish their batch, the consumer
+    /// leaves the group, the API stops.
+    pub async fn stop(self) {
+        self.maintenance.abort();
+        self.supervisor.stop(Some("shutdown".into()));
+        if tokio::time::timeout(Duration::from_secs(90), self.join).await.is_err() {
+            tracing::warn!("supervision tree did not stop within 90s");
+        }
+        self.store.pool().close().await;
+    }
+
+    /// Number of partition actors running (for tests and `dev`'s status).
+    pub async fn running_partitions(&self) -> usize {
+        let Ok(Some(cell)) = ractor::call!(self.supervisor, SupervisorMsg::Child, CONSUMER_CHILD.to_string()) else {
+            return 0;
+        };
+        let consumer: ActorRef<audit_actors::consumer::ConsumerMsg> = cell.into();
+        ractor::call!(consumer, audit_actors::consumer::ConsumerMsg::RunningPartitions).unwrap_or(0)
+    }
+}
