@@ -140,6 +140,7 @@ impl Actor for ConsumerActor {
                     );
                     state.spawn_partition(&myself, &tp).await?;
                 }
+                telemetry::partitions_assigned(state.slots.len());
             }
             ConsumerMsg::Revoked(tps) => {
                 telemetry::rebalance("revoke", tps.len());
@@ -151,12 +152,14 @@ impl Actor for ConsumerActor {
                         actor.stop(Some("revoked".into()));
                     }
                 }
+                telemetry::partitions_assigned(state.slots.len());
             }
             ConsumerMsg::RestartPartition { tp, generation } => {
                 let current = state.slots.get(&tp).map(|s| (s.tracker.generation(), s.actor.is_some()));
                 if current == Some((generation, false)) {
                     state.spawn_partition(&myself, &tp).await?;
                 }
+                telemetry::partitions_assigned(state.slots.len());
             }
             ConsumerMsg::ConnectorFailed(reason) => {
                 return Err(format!("kafka consumer failed: {reason}").into());
@@ -193,10 +196,15 @@ impl Actor for ConsumerActor {
 
     async fn post_stop(&self, _myself: ActorRef<ConsumerMsg>, state: &mut ConsumerState) -> Result<(), ActorProcessingErr> {
         // Let batches in flight finish, then leave the group.
-        let actors: Vec<_> = state.slots.drain().filter_map(|(_, s)| s.actor).collect();
-        for actor in &actors {
-            let _ = actor.stop_and_wait(Some("shutdown".into()), Some(state.config.poll_wait * 20)).await;
-        }
+        // All at once: each may be finishing a batch.
+        let wait = state.config.poll_wait * 20;
+        let stops = state
+            .slots
+            .drain()
+            .filter_map(|(_, s)| s.actor)
+            .map(|actor| async move { actor.stop_and_wait(Some("shutdown".into()), Some(wait)).await });
+        futures::future::join_all(stops).await;
+        telemetry::partitions_assigned(0);
         if let Some(handle) = state.handle.take() {
             handle.shutdown().await;
         }

@@ -60,6 +60,11 @@ impl KafkaSettings {
 
     fn client_config(&self) -> ClientConfig {
         let mut config = ClientConfig::new();
+        // Operator properties first: the ones below are what exactly-once
+        // and bounded memory rely on, so they cannot be overridden.
+        for (k, v) in &self.extra {
+            config.set(k, v);
+        }
         config
             .set("bootstrap.servers", &self.brokers)
             .set("group.id", &self.group_id)
@@ -79,9 +84,6 @@ impl KafkaSettings {
             config
                 .set("partition.assignment.strategy", "cooperative-sticky")
                 .set("session.timeout.ms", self.session_timeout.as_millis().to_string());
-        }
-        for (k, v) in &self.extra {
-            config.set(k, v);
         }
         config
     }
@@ -238,8 +240,15 @@ impl ConnectorHandle for KafkaHandle {
 }
 
 impl Drop for KafkaHandle {
+    /// Reached without `shutdown` when the consumer actor failed: close the
+    /// client on a plain thread, never on an async worker.
     fn drop(&mut self) {
         self.main_loop.abort();
+        if let Some(consumer) = self.consumer.take() {
+            let _ = std::thread::Builder::new()
+                .name("kafka-close".into())
+                .spawn(move || drop(consumer));
+        }
     }
 }
 

@@ -15,7 +15,6 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::config::PipelineConfig;
-use crate::restart::{backoff, RestartPolicy};
 use crate::source::{RecordSource, SourceError};
 use crate::telemetry;
 
@@ -44,11 +43,16 @@ pub struct PartitionState {
     permits: Arc<Semaphore>,
     /// The store's offset as this actor last saw it (`None`: nothing stored).
     expected: Option<i64>,
+    /// Seeked to the stored offset since start.
+    positioned: bool,
     /// A gap was seen at this offset and a seek was already tried: the gap
     /// is real in the log (compaction, transaction markers), accept it.
     gap_tolerated_at: Option<i64>,
+    /// Records read before a permit was available (at most one).
+    carry: Vec<audit_ledger::RawRecord>,
     pending: Option<Pending>,
-    write_failures: u32,
+    /// Consecutive store failures, for the retry backoff.
+    failures: u32,
     paused: bool,
 }
 
@@ -72,12 +76,10 @@ impl Actor for PartitionActor {
     type State = PartitionState;
     type Arguments = PartitionArgs;
 
+    /// Does no I/O: positioning happens in the first step, so a slow store
+    /// or broker never blocks the consumer actor that spawns partitions.
     async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: PartitionArgs) -> Result<PartitionState, ActorProcessingErr> {
-        let stored = read_stored_offset(&*args.store, &args.key, &args.config.restart).await?;
-        // Start exactly where the store says, whatever the broker's committed
-        // offset is (it is informational and may lag or be lost).
-        args.source.seek(stored).await.map_err(PartitionError::from)?;
-        telemetry::partition_started(&args.key.topic, args.key.partition, stored, args.generation);
+        telemetry::partition_started(&args.key.topic, args.key.partition, args.generation);
         myself.send_message(PartitionMsg::Step)?;
         Ok(PartitionState {
             key: args.key,
@@ -85,89 +87,105 @@ impl Actor for PartitionActor {
             store: args.store,
             config: args.config,
             permits: args.permits,
-            expected: stored,
+            expected: None,
+            positioned: false,
             gap_tolerated_at: None,
+            carry: Vec::new(),
             pending: None,
-            write_failures: 0,
-            paused: false,
+            failures: 0,
+            // An earlier incarnation may have died paused: resume once positioned.
+            paused: true,
         })
     }
 
     async fn handle(&self, myself: ActorRef<Self::Msg>, msg: PartitionMsg, state: &mut PartitionState) -> Result<(), ActorProcessingErr> {
         match msg {
-            PartitionMsg::Step => {
-                let retry_in = state.step().await?;
-                match retry_in {
-                    None => myself.send_message(PartitionMsg::Step)?,
-                    Some(delay) => {
-                        myself.send_after(delay, || PartitionMsg::Step);
-                    }
+            PartitionMsg::Step => match state.step().await? {
+                None => myself.send_message(PartitionMsg::Step)?,
+                Some(delay) => {
+                    myself.send_after(delay, || PartitionMsg::Step);
                 }
-            }
+            },
         }
         Ok(())
     }
 
     async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut PartitionState) -> Result<(), ActorProcessingErr> {
-        if state.paused {
-            let _ = state.source.resume();
-        }
-        telemetry::partition_stopped(&state.key.topic, state.key.partition);
+        // Not called when the actor fails or is killed: the next incarnation
+        // resumes the partition instead (it starts as `paused`).
+        let _ = state.resume_if_paused();
+        tracing::info!(topic = %state.key.topic, partition = state.key.partition, "partition actor stopped");
         Ok(())
-    }
-}
-
-/// Reads the stored offset, retrying while the store is unavailable: a
-/// partition cannot start anywhere else.
-async fn read_stored_offset(store: &dyn EventStore, key: &OffsetKey, policy: &RestartPolicy) -> Result<Option<i64>, PartitionError> {
-    let mut attempt = 0;
-    loop {
-        match store.stored_offset(key).await {
-            Ok(offset) => return Ok(offset),
-            Err(e) if e.is_retryable() && attempt < 10 => {
-                let delay = backoff(policy, attempt);
-                telemetry::store_write_failed(&key.topic, key.partition, attempt, delay, &e);
-                tokio::time::sleep(delay).await;
-                attempt += 1;
-            }
-            Err(e) => return Err(e.into()),
-        }
     }
 }
 
 impl PartitionState {
     /// One step of the pipeline. Returns a delay when the next step should
-    /// wait (a failed write), `None` to go on at once.
+    /// wait (a failed write, an unavailable store), `None` to go on at once.
     async fn step(&mut self) -> Result<Option<Duration>, PartitionError> {
+        if !self.positioned {
+            return self.position_at_stored_offset().await;
+        }
         if self.pending.is_none() {
-            let Some(pending) = self.fetch().await? else {
-                return Ok(None);
-            };
-            self.pending = Some(pending);
+            match self.fetch().await {
+                Ok(Some(pending)) => self.pending = Some(pending),
+                Ok(None) => return Ok(None),
+                Err(PartitionError::Source(SourceError::Transient(e))) => {
+                    telemetry::source_error(&self.key.topic, self.key.partition, &e);
+                    return Ok(Some(self.config.write_retry_base));
+                }
+                Err(e) => return Err(e),
+            }
         }
         self.write().await
     }
 
+    /// Starts exactly where the store says, whatever the broker's committed
+    /// offset is (it is informational and may lag or be lost).
+    async fn position_at_stored_offset(&mut self) -> Result<Option<Duration>, PartitionError> {
+        match self.store.stored_offset(&self.key).await {
+            Ok(stored) => {
+                self.source.seek(stored).await?;
+                self.expected = stored;
+                self.positioned = true;
+                self.failures = 0;
+                self.resume_if_paused()?;
+                Ok(None)
+            }
+            Err(error) if error.is_retryable() => {
+                self.failures += 1;
+                let delay = retry_delay(&self.config, self.failures);
+                telemetry::store_read_failed(&self.key.topic, self.key.partition, self.failures, delay, &error);
+                Ok(Some(delay))
+            }
+            Err(error) => Err(error.into()),
+        }
+    }
+
     async fn fetch(&mut self) -> Result<Option<Pending>, PartitionError> {
         let config = self.config.clone();
+        // Wait for data before taking a permit, so idle partitions never hold
+        // the node's in-flight budget (at most one record each is held here).
+        if self.carry.is_empty() {
+            self.carry = self.source.next_batch(1, config.poll_wait, Duration::ZERO).await?;
+            if self.carry.is_empty() {
+                return Ok(None);
+            }
+        }
         // No permit in time: give the mailbox a turn (stop requests) and retry.
         let permit = match tokio::time::timeout(config.poll_wait, self.permits.clone().acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) | Err(_) => return Ok(None),
         };
-        let records = match self
-            .source
-            .next_batch(config.batch_max_records, config.poll_wait, config.batch_linger)
-            .await
-        {
-            Ok(records) => records,
-            Err(SourceError::Transient(e)) => {
-                telemetry::source_error(&self.key.topic, self.key.partition, &e);
-                return Ok(None);
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let Some(records) = self.position(records).await? else {
+        let mut records = std::mem::take(&mut self.carry);
+        if config.batch_max_records > records.len() {
+            let more = self
+                .source
+                .next_batch(config.batch_max_records - records.len(), Duration::ZERO, config.batch_linger)
+                .await?;
+            records.extend(more);
+        }
+        let Some(records) = self.skip_or_seek(records).await? else {
             return Ok(None);
         };
         let parse = config.parse.clone();
@@ -179,7 +197,7 @@ impl PartitionState {
 
     /// Keeps only records at or after the stored offset, and seeks back when
     /// records were skipped over. `None`: nothing to write this time.
-    async fn position(&mut self, mut records: Vec<audit_ledger::RawRecord>) -> Result<Option<Vec<audit_ledger::RawRecord>>, PartitionError> {
+    async fn skip_or_seek(&mut self, mut records: Vec<audit_ledger::RawRecord>) -> Result<Option<Vec<audit_ledger::RawRecord>>, PartitionError> {
         if let Some(expected) = self.expected {
             let before = records.len();
             records.retain(|r| r.offset >= expected);
@@ -187,11 +205,16 @@ impl PartitionState {
                 telemetry::records_skipped(&self.key.topic, self.key.partition, before - records.len(), expected);
             }
             if let Some(first) = records.first() {
-                if first.offset > expected && self.gap_tolerated_at != Some(expected) {
-                    telemetry::partition_seek(&self.key.topic, self.key.partition, Some(expected), "gap before first record");
-                    self.gap_tolerated_at = Some(expected);
-                    self.source.seek(Some(expected)).await?;
-                    return Ok(None);
+                if first.offset > expected {
+                    if self.gap_tolerated_at != Some(expected) {
+                        telemetry::partition_seek(&self.key.topic, self.key.partition, Some(expected), "gap before first record");
+                        self.gap_tolerated_at = Some(expected);
+                        self.source.seek(Some(expected)).await?;
+                        return Ok(None);
+                    }
+                    // Still a gap after seeking back: those offsets are not in
+                    // the log (retention, compaction or transaction markers).
+                    telemetry::offsets_missing_from_log(&self.key.topic, self.key.partition, expected, first.offset);
                 }
             }
         }
@@ -218,34 +241,44 @@ impl PartitionState {
                 telemetry::batch_committed(&self.key.topic, self.key.partition, next, stats, started.elapsed());
                 self.expected = Some(next);
                 self.pending = None;
-                self.write_failures = 0;
+                self.failures = 0;
                 self.source.commit(next);
-                if self.paused {
-                    self.source.resume()?;
-                    self.paused = false;
-                }
+                self.resume_if_paused()?;
                 Ok(None)
             }
             Ok(WriteOutcome::Fenced { stored }) => {
                 telemetry::partition_fenced(&self.key.topic, self.key.partition, self.expected, stored);
                 self.pending = None;
+                self.carry.clear();
                 self.expected = stored;
+                self.failures = 0;
                 self.source.seek(stored).await?;
+                self.resume_if_paused()?;
                 Ok(None)
             }
             Err(error) if error.is_retryable() => {
-                self.write_failures += 1;
-                let delay = retry_delay(&self.config, self.write_failures);
-                telemetry::store_write_failed(&self.key.topic, self.key.partition, self.write_failures, delay, &error);
+                self.failures += 1;
+                let delay = retry_delay(&self.config, self.failures);
+                telemetry::store_write_failed(&self.key.topic, self.key.partition, self.failures, delay, &error);
                 if !self.paused {
                     self.source.pause()?;
                     self.paused = true;
                 }
-                // A write conflict resolves at once: the retry reclassifies.
-                Ok(Some(if matches!(error, StoreError::Conflict(_)) { Duration::ZERO } else { delay }))
+                // A concurrent-write conflict resolves at once (the retry
+                // reclassifies); only repeated conflicts back off.
+                let conflict_first_retry = matches!(error, StoreError::Conflict(_)) && self.failures == 1;
+                Ok(Some(if conflict_first_retry { Duration::ZERO } else { delay }))
             }
             Err(error) => Err(error.into()),
         }
+    }
+
+    fn resume_if_paused(&mut self) -> Result<(), PartitionError> {
+        if self.paused {
+            self.source.resume()?;
+            self.paused = false;
+        }
+        Ok(())
     }
 }
 

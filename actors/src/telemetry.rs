@@ -61,14 +61,37 @@ pub fn records_skipped(topic: &str, partition: i32, count: usize, below: i64) {
     debug!(topic, partition, count, below, "skipped records already stored");
 }
 
-pub fn partition_started(topic: &str, partition: i32, stored: Option<i64>, generation: u64) {
-    gauge!("audit_partitions_assigned").increment(1.0);
-    info!(topic, partition, stored = ?stored, generation, "partition actor started");
+pub fn partition_started(topic: &str, partition: i32, generation: u64) {
+    info!(topic, partition, generation, "partition actor started");
 }
 
-pub fn partition_stopped(topic: &str, partition: i32) {
-    gauge!("audit_partitions_assigned").decrement(1.0);
-    info!(topic, partition, "partition actor stopped");
+pub fn partitions_assigned(count: usize) {
+    gauge!("audit_partitions_assigned").set(count as f64);
+}
+
+pub fn store_read_failed(topic: &str, partition: i32, attempt: u32, retry_in: Duration, error: &dyn std::fmt::Display) {
+    counter!("audit_store_read_failures_total", "topic" => topic.to_string()).increment(1);
+    warn!(
+        topic,
+        partition,
+        attempt,
+        retry_in_ms = retry_in.as_millis() as u64,
+        error = %error,
+        "reading the stored offset failed, retrying"
+    );
+}
+
+/// Offsets the log no longer has: lost to retention before they were read
+/// (an operator must know), or legitimately absent (compaction, markers).
+pub fn offsets_missing_from_log(topic: &str, partition: i32, expected: i64, first_available: i64) {
+    counter!("audit_offsets_missing_total", "topic" => topic.to_string()).increment((first_available - expected) as u64);
+    warn!(
+        topic,
+        partition,
+        expected,
+        first_available,
+        "offsets missing from the Kafka log (retention, compaction or transaction markers); continuing after the gap"
+    );
 }
 
 pub fn actor_restart_scheduled(child: &str, generation: u64, delay: Duration, error: &dyn std::fmt::Display) {

@@ -52,6 +52,9 @@ pub struct ExistingEvent {
     pub content_hash: [u8; 32],
     /// Where it is, for the dead letter's message ("seq 42").
     pub location: String,
+    /// Its Kafka position: the same position read again (by another
+    /// consumer group) is already accounted for, not a duplicate.
+    pub position: (String, i32, i64),
 }
 
 /// A second delivery of an event that is already stored: counted, not stored.
@@ -87,8 +90,11 @@ pub fn classify(batch: &PreparedBatch, existing: &HashMap<Uuid, ExistingEvent>) 
                 continue;
             }
         };
-        let seen = existing
-            .get(&event.event_id)
+        let stored = existing.get(&event.event_id);
+        if stored.is_some_and(|e| e.position == (event.kafka_topic.clone(), event.kafka_partition, event.kafka_offset)) {
+            continue;
+        }
+        let seen = stored
             .map(|e| (e.content_hash, e.location.clone()))
             .or_else(|| {
                 in_batch.get(&event.event_id).map(|(hash, offset)| {

@@ -4,7 +4,7 @@
 //! Two wire shapes are accepted: our native JSON envelope and CloudEvents 1.0
 //! (structured mode and Kafka binary mode). Both map onto the same fields.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Datelike, SecondsFormat, SubsecRound, Utc};
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -85,6 +85,9 @@ pub enum DeadLetterReason {
     UnknownField { field: String },
     PayloadTooLarge { size: usize, max: usize },
     EventIdConflict { event_id: Uuid, existing: String },
+    /// Passed validation but PostgreSQL refused the row: a validation gap,
+    /// kept as a dead letter so one record never stalls its partition.
+    RejectedByDatabase { error: String },
 }
 
 impl DeadLetterReason {
@@ -99,6 +102,7 @@ impl DeadLetterReason {
             Self::UnknownField { .. } => "unknown_field",
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::EventIdConflict { .. } => "event_id_conflict",
+            Self::RejectedByDatabase { .. } => "rejected_by_database",
         }
     }
 }
@@ -125,6 +129,7 @@ impl std::fmt::Display for DeadLetterReason {
                 f,
                 "event_id {event_id} was already stored ({existing}) with different content"
             ),
+            Self::RejectedByDatabase { error } => write!(f, "the database refused the event: {error}"),
         }
     }
 }
@@ -372,6 +377,9 @@ fn binary_cloudevent(record: &RawRecord, text: &str) -> Result<Fields, Rejection
             continue;
         };
         let value = match header.value.as_deref().map(std::str::from_utf8) {
+            Some(Ok(v)) if v.contains('\0') => {
+                return Err((None, invalid(&header.key, "header contains U+0000, which PostgreSQL cannot store")))
+            }
             Some(Ok(v)) => Value::String(v.to_string()),
             Some(Err(_)) => return Err((None, invalid(&header.key, "header is not valid UTF-8"))),
             None => Value::Null,
@@ -526,9 +534,14 @@ fn timestamp(value: Value, field: &str) -> Result<DateTime<Utc>, DeadLetterReaso
             &format!("must be an RFC 3339 string, got {}", json_kind(&value)),
         ));
     };
-    DateTime::parse_from_rfc3339(&s)
+    let parsed = DateTime::parse_from_rfc3339(&s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| invalid(field, &format!("must be an RFC 3339 timestamp, got {:?} ({e})", truncate(&s))))
+        .map_err(|e| invalid(field, &format!("must be an RFC 3339 timestamp, got {:?} ({e})", truncate(&s))))?;
+    if !(1..=9999).contains(&parsed.year()) {
+        return Err(invalid(field, &format!("must be between years 0001 and 9999, got {:?}", truncate(&s))));
+    }
+    // PostgreSQL keeps microseconds: hash and store the same instant.
+    Ok(parsed.trunc_subsecs(6))
 }
 
 fn stream_version(value: Option<Value>, field: &str) -> Result<Option<i64>, DeadLetterReason> {

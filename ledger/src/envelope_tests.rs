@@ -91,6 +91,7 @@ fn rejects_with_precise_reasons() {
         ("event_id", json!("not-a-uuid")),
         ("occurred_at", json!("yesterday")),
         ("occurred_at", json!(12)),
+        ("occurred_at", json!("0000-01-01T00:00:00Z")),
         ("payload", json!([1])),
         ("payload", json!("text")),
         ("stream_version", json!(0)),

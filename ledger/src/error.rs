@@ -10,6 +10,10 @@ pub enum StoreError {
     /// it will be classified against what is now stored.
     #[error("concurrent write conflict: {0}")]
     Conflict(String),
+    /// The database refused a value (SQLSTATE class 22, data exception):
+    /// the row, not the database, is at fault.
+    #[error("value refused by the database: {0}")]
+    Data(String),
     /// Anything retrying will not fix (a schema mismatch, a bug).
     #[error("event store failed: {0}")]
     Fatal(String),
@@ -17,7 +21,7 @@ pub enum StoreError {
 
 impl StoreError {
     pub fn is_retryable(&self) -> bool {
-        !matches!(self, Self::Fatal(_))
+        matches!(self, Self::Unavailable(_) | Self::Conflict(_))
     }
 }
 
@@ -36,6 +40,8 @@ impl From<sqlx::Error> for StoreError {
                     "23505" => Self::Conflict(message),
                     // serialization_failure, deadlock_detected
                     "40001" | "40P01" => Self::Conflict(message),
+                    // data exceptions and check violations: the row is at fault
+                    c if c.starts_with("22") || c == "23514" => Self::Data(message),
                     // connection exceptions, operator intervention (shutdown, restart),
                     // insufficient resources, crash recovery
                     c if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c.starts_with("58") => {

@@ -71,3 +71,86 @@ async fn events_are_append_only() {
     writer.pool().close().await;
     db.drop_database().await;
 }
+
+fn key(group: &str) -> audit_ledger::OffsetKey {
+    audit_ledger::OffsetKey {
+        group_id: group.into(),
+        topic: "orders".into(),
+        partition: 0,
+    }
+}
+
+fn batch_of(values: &[String]) -> audit_ledger::PreparedBatch {
+    let records = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| conformance::record("orders", 0, i as i64, v.as_bytes()))
+        .collect();
+    audit_ledger::PreparedBatch::parse(records, &audit_ledger::ParseOptions::default()).unwrap()
+}
+
+/// A record that passes validation but that the database refuses becomes a
+/// dead letter; the rest of its batch is stored and the partition goes on.
+#[tokio::test]
+async fn a_row_the_database_refuses_becomes_a_dead_letter() {
+    use audit_ledger::{EventStore, WriteBatch, WriteOutcome};
+    let db = TestDatabase::create().await.expect("test database");
+    let owner = PgEventStore::connect(&PgConfig { role: None, ..PgConfig::new(&db.url) }).await.unwrap();
+    // Plant a rule the validation does not know about.
+    sqlx::query("ALTER TABLE events ADD CONSTRAINT planted CHECK (stream_id <> 'poison')")
+        .execute(owner.pool())
+        .await
+        .unwrap();
+    let store = PgEventStore::connect(&PgConfig::new(&db.url)).await.unwrap();
+    let values = vec![
+        conformance::envelope("00000000-0000-4000-8000-000000000001", "order-1", 1).to_string(),
+        conformance::envelope("00000000-0000-4000-8000-000000000002", "poison", 2).to_string(),
+        conformance::envelope("00000000-0000-4000-8000-000000000003", "order-3", 3).to_string(),
+    ];
+    let batch = batch_of(&values);
+    let outcome = store
+        .write_batch(WriteBatch { key: &key("g"), expected: None, batch: &batch, writer: "t" })
+        .await
+        .expect("the batch is written, not failed");
+    assert_eq!(
+        outcome,
+        WriteOutcome::Committed(audit_ledger::BatchStats { events: 2, dead_letters: 1, duplicates: 0 })
+    );
+    let (code, reason, raw): (String, String, Vec<u8>) =
+        sqlx::query_as("SELECT reason_code, reason, raw_value FROM dead_letters")
+            .fetch_one(store.pool())
+            .await
+            .unwrap();
+    assert_eq!(code, "rejected_by_database");
+    assert!(reason.contains("planted"), "{reason}");
+    assert_eq!(raw, values[1].as_bytes());
+    store.pool().close().await;
+    owner.pool().close().await;
+    db.drop_database().await;
+}
+
+/// A second consumer group re-reading the same positions converges: nothing
+/// is stored or counted twice, and it does not loop on unique keys.
+#[tokio::test]
+async fn a_second_group_rereading_the_topic_converges() {
+    use audit_ledger::{EventStore, WriteBatch, WriteOutcome};
+    let db = TestDatabase::create().await.expect("test database");
+    let store = PgEventStore::connect(&PgConfig::new(&db.url)).await.unwrap();
+    let a = conformance::envelope("00000000-0000-4000-8000-00000000000a", "order-1", 1).to_string();
+    let values = vec![a.clone(), "{bad".to_string(), a];
+    let batch = batch_of(&values);
+    let first = store
+        .write_batch(WriteBatch { key: &key("g1"), expected: None, batch: &batch, writer: "t" })
+        .await
+        .unwrap();
+    assert_eq!(first, WriteOutcome::Committed(audit_ledger::BatchStats { events: 1, dead_letters: 1, duplicates: 1 }));
+    let second = store
+        .write_batch(WriteBatch { key: &key("g2"), expected: None, batch: &batch, writer: "t" })
+        .await
+        .expect("no unique-key failure");
+    assert_eq!(second, WriteOutcome::Committed(audit_ledger::BatchStats { events: 0, dead_letters: 0, duplicates: 0 }));
+    let counts = conformance::Inspect::counts(&store).await.unwrap();
+    assert_eq!((counts.events, counts.dead_letters, counts.duplicates), (1, 1, 1));
+    store.pool().close().await;
+    db.drop_database().await;
+}

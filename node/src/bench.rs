@@ -1,5 +1,21 @@
 //! `audit-node bench ingest`: end-to-end ingest throughput next to the
-//! physical ceiling (parallel COPY into the same schema) in the same run.
+//! physical ceiling measured in the same run: parallel COPY of the same rows
+//! into the same schema (../shared/notes/postgres-ceiling.md).
+//!
+//! Not a timed test: it reports numbers for docs/PERFORMANCE.md.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use audit_ledger::envelope::{parse, ParseOptions};
+use audit_ledger::store::postgres::{self, encode_copy_row, local_database_url, COPY_EVENTS};
+use audit_ledger::RawRecord;
+use rand::Rng;
+use sqlx::{ConnectOptions, Connection, Executor};
+
+use crate::settings::{FileConfig, Identity, NodeSettings, Tuning};
+use crate::{mock, node, produce, traffic};
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
@@ -9,7 +25,7 @@ pub struct BenchArgs {
 
 #[derive(clap::Subcommand, Debug)]
 pub enum BenchCommand {
-    /// Produce N events, ingest them through a node, compare with COPY.
+    /// Produce N events, ingest them through a node, and COPY the same rows.
     Ingest(IngestArgs),
 }
 
@@ -18,8 +34,237 @@ pub struct IngestArgs {
     /// Events to produce and ingest.
     #[arg(long, env = "AUDIT_BENCH_EVENTS", default_value_t = 200_000)]
     pub events: u64,
+    /// Partitions of the bench topic; default: enough that the mock
+    /// cluster's retention (~5 MiB per partition) never evicts a record.
+    #[arg(long, env = "AUDIT_BENCH_PARTITIONS")]
+    pub partitions: Option<i32>,
+    /// Parallel COPY streams of the ceiling; default: the number of cores.
+    #[arg(long, env = "AUDIT_BENCH_COPY_STREAMS")]
+    pub copy_streams: Option<usize>,
+    /// Rows per COPY transaction of the ceiling.
+    #[arg(long, env = "AUDIT_BENCH_COPY_BATCH", default_value_t = 5000)]
+    pub copy_batch: usize,
+    /// Server URL for the two scratch databases (created, then dropped);
+    /// default: the local server's Unix socket.
+    #[arg(long, env = "AUDIT_BENCH_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+    /// Keep the scratch databases for inspection.
+    #[arg(long, env = "AUDIT_BENCH_KEEP_DATABASES")]
+    pub keep_databases: bool,
+    #[arg(long, env = "AUDIT_BENCH_SEED", default_value_t = 42)]
+    pub seed: u64,
+    #[command(flatten)]
+    pub tuning: Tuning,
 }
 
-pub async fn run(_args: BenchArgs) -> anyhow::Result<()> {
-    anyhow::bail!("bench ingest is not implemented yet")
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Ingest(args) => ingest(args).await,
+    }
+}
+
+#[derive(serde::Serialize)]
+struct Report {
+    events: u64,
+    partitions: i32,
+    ingest_seconds: f64,
+    ingest_events_per_s: f64,
+    copy_streams: usize,
+    copy_batch: usize,
+    copy_seconds: f64,
+    copy_rows_per_s: f64,
+    ratio: f64,
+}
+
+async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.events > 0, "--events must be at least 1");
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let copy_streams = args.copy_streams.unwrap_or(cores).max(1);
+    // ~900 bytes a record on the wire; keep each partition under 3 MiB.
+    let partitions = args
+        .partitions
+        .unwrap_or_else(|| ((args.events * 900).div_ceil(3 * 1024 * 1024) as i32).max(16));
+    let suffix: u32 = rand::thread_rng().gen();
+    let ingest_db = database_url(&args.database_url, &format!("audit_bench_{suffix:08x}_ingest"));
+    let copy_db = database_url(&args.database_url, &format!("audit_bench_{suffix:08x}_copy"));
+    for url in [&ingest_db, &copy_db] {
+        postgres::create_database_if_missing(url).await?;
+        postgres::migrate(url).await?;
+    }
+
+    let topic = "bench";
+    let cluster = mock::start(1, &[mock::TopicSpec { name: topic.into(), partitions }])?;
+    let bootstrap = cluster.bootstrap().to_string();
+
+    eprintln!("bench: producing {} events to {partitions} partitions", args.events);
+    let producer = produce::create_producer(&bootstrap)?;
+    let mut generator = traffic::TrafficGenerator::new(args.seed, 0.0, 0.0);
+    produce::produce_stream(&producer, topic, &mut generator, Some(args.events), None, std::future::pending()).await?;
+    produce::flush(&producer, Duration::from_secs(60)).await?;
+    drop(producer);
+
+    // The ceiling's rows: the same events, encoded before the clock starts.
+    eprintln!("bench: encoding the ceiling's rows");
+    let encoding = Instant::now();
+    let chunks = Arc::new(copy_chunks(args.seed, args.events, args.copy_batch)?);
+    let client_seconds = encoding.elapsed().as_secs_f64();
+    eprintln!("bench: generate + parse + encode on one core: {:.1} µs per event", client_seconds * 1e6 / args.events as f64);
+
+    eprintln!("bench: ingesting through a node");
+    let settings = NodeSettings::resolve(
+        Identity {
+            brokers: &bootstrap,
+            topics: vec![topic.into()],
+            group_id: "bench",
+            database_url: &ingest_db,
+            node_id: "bench".into(),
+            default_group_protocol: "consumer",
+        },
+        &args.tuning,
+        FileConfig::default(),
+    )?;
+    let started = Instant::now();
+    let running = node::start(NodeSettings { migrate: false, ..settings }, None).await?;
+    let pool = running.store.pool().clone();
+    loop {
+        let stored: i64 = sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE group_id = 'bench'")
+            .fetch_one(&pool)
+            .await?;
+        if stored as u64 >= args.events {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ingest_seconds = started.elapsed().as_secs_f64();
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await?;
+    anyhow::ensure!(events as u64 == args.events, "ingested {events} events, expected {}", args.events);
+    running.stop().await;
+    tokio::task::spawn_blocking(move || drop(cluster)).await?;
+
+    eprintln!("bench: ceiling: COPY with {copy_streams} parallel streams");
+    let copy_seconds = copy_ceiling(&copy_db, chunks, copy_streams).await?;
+
+    if !args.keep_databases {
+        for url in [&ingest_db, &copy_db] {
+            drop_database(url).await;
+        }
+    }
+    let n = args.events as f64;
+    let report = Report {
+        events: args.events,
+        partitions,
+        ingest_seconds,
+        ingest_events_per_s: n / ingest_seconds,
+        copy_streams,
+        copy_batch: args.copy_batch,
+        copy_seconds,
+        copy_rows_per_s: n / copy_seconds,
+        ratio: copy_seconds / ingest_seconds,
+    };
+    println!(
+        "ingest: {:.0} events/s ({} events in {:.2}s)\nceiling: {:.0} rows/s (COPY, {} streams, {} rows per transaction, {:.2}s)\nratio ingest/ceiling: {:.2}",
+        report.ingest_events_per_s, report.events, report.ingest_seconds, report.copy_rows_per_s, report.copy_streams,
+        report.copy_batch, report.copy_seconds, report.ratio
+    );
+    println!("{}", serde_json::to_string(&report)?);
+    Ok(())
+}
+
+fn database_url(server: &Option<String>, name: &str) -> String {
+    match server {
+        None => local_database_url(name),
+        Some(url) => {
+            let (base, query) = url.split_once('?').map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
+            let scheme_end = base.find("://").map_or(0, |i| i + 3);
+            let base = base[scheme_end..].find('/').map_or(base, |i| &base[..scheme_end + i]);
+            query.map_or(format!("{base}/{name}"), |q| format!("{base}/{name}?{q}"))
+        }
+    }
+}
+
+/// The same events the generator produced, parsed like the node parses them
+/// and encoded as COPY text, in chunks of `batch` rows.
+fn copy_chunks(seed: u64, events: u64, batch: usize) -> anyhow::Result<Vec<String>> {
+    let mut generator = traffic::TrafficGenerator::new(seed, 0.0, 0.0);
+    let options = ParseOptions::default();
+    let mut chunks = Vec::new();
+    let mut chunk = String::new();
+    let mut in_chunk = 0;
+    for offset in 0..events {
+        let record = generator.next_record();
+        let raw = RawRecord {
+            topic: "bench".into(),
+            partition: 0,
+            offset: offset as i64,
+            key: record.key,
+            value: Some(record.value),
+            headers: record
+                .headers
+                .into_iter()
+                .map(|(key, value)| audit_ledger::Header { key, value: Some(value) })
+                .collect(),
+            timestamp_ms: None,
+        };
+        let event = parse(&raw, &options).map_err(|d| anyhow::anyhow!("generated event rejected: {}", d.reason))?;
+        encode_copy_row(&mut chunk, &event);
+        in_chunk += 1;
+        if in_chunk == batch {
+            chunks.push(std::mem::take(&mut chunk));
+            in_chunk = 0;
+        }
+    }
+    if in_chunk > 0 {
+        chunks.push(chunk);
+    }
+    Ok(chunks)
+}
+
+/// COPY every chunk with `streams` connections in parallel, one transaction
+/// per chunk plus one offsets-table update (the shape of a node's batch).
+async fn copy_ceiling(url: &str, chunks: Arc<Vec<String>>, streams: usize) -> anyhow::Result<f64> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut connections = Vec::new();
+    for _ in 0..streams {
+        connections.push(postgres::connect_options(url)?.connect().await.context("ceiling connection")?);
+    }
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for (stream, mut conn) in connections.into_iter().enumerate() {
+        let chunks = chunks.clone();
+        let next = next.clone();
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let Some(chunk) = chunks.get(i) else { break };
+                let mut tx = conn.begin().await?;
+                let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
+                copy.send(chunk.as_bytes()).await?;
+                copy.finish().await?;
+                sqlx::query(
+                    "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ('ceiling', 'bench', $1, $2)
+                     ON CONFLICT (group_id, topic, partition) DO UPDATE SET next_offset = EXCLUDED.next_offset, updated_at = now()",
+                )
+                .bind(stream as i32)
+                .bind(i as i64)
+                .execute(&mut *tx)
+                .await?;
+                tx.commit().await?;
+            }
+            let _ = conn.close().await;
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+async fn drop_database(url: &str) {
+    let Ok(options) = postgres::connect_options(url) else { return };
+    let Some(name) = options.get_database().map(str::to_string) else { return };
+    if let Ok(mut admin) = options.database("postgres").connect().await {
+        let _ = admin.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str()).await;
+        let _ = admin.close().await;
+    }
 }

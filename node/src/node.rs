@@ -132,13 +132,4 @@ impl RunningNode {
         }
         self.store.pool().close().await;
     }
-
-    /// Number of partition actors running (for tests and `dev`'s status).
-    pub async fn running_partitions(&self) -> usize {
-        let Ok(Some(cell)) = ractor::call!(self.supervisor, SupervisorMsg::Child, CONSUMER_CHILD.to_string()) else {
-            return 0;
-        };
-        let consumer: ActorRef<audit_actors::consumer::ConsumerMsg> = cell.into();
-        ractor::call!(consumer, audit_actors::consumer::ConsumerMsg::RunningPartitions).unwrap_or(0)
-    }
 }

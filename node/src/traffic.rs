@@ -41,6 +41,7 @@ pub const REQUIRED_FIELDS: [&str; 5] = [
     "payload",
 ];
 /// Every top-level field the consumer accepts; anything else is rejected.
+#[cfg(test)]
 pub const ALLOWED_FIELDS: [&str; 11] = [
     "event_id",
     "event_type",
@@ -207,6 +208,7 @@ impl InvalidKind {
         InvalidKind::ReusedEventId,
     ];
 
+    #[cfg(test)]
     pub fn as_str(self) -> &'static str {
         match self {
             InvalidKind::NotJson => "not_json",

@@ -72,6 +72,10 @@ impl EventStore for MemoryStore {
                     ExistingEvent {
                         content_hash: state.events[index].content_hash,
                         location: format!("seq {}", index + 1),
+                        position: {
+                            let e = &state.events[index];
+                            (e.kafka_topic.clone(), e.kafka_partition, e.kafka_offset)
+                        },
                     },
                 ))
             })
@@ -87,8 +91,24 @@ impl EventStore for MemoryStore {
             state.by_id.insert(event.event_id, index);
             state.events.push(event);
         }
-        state.dead_letters.extend(classified.dead_letters);
-        state.duplicates.extend(classified.duplicates);
+        // A position already accounted for is not stored twice (as PostgreSQL's
+        // unique keys and ON CONFLICT DO NOTHING do).
+        let mut stats = stats;
+        for dead in classified.dead_letters {
+            let position = (&dead.kafka_topic, dead.kafka_partition, dead.kafka_offset);
+            if state.dead_letters.iter().any(|d| (&d.kafka_topic, d.kafka_partition, d.kafka_offset) == position) {
+                stats.dead_letters -= 1;
+            } else {
+                state.dead_letters.push(dead);
+            }
+        }
+        for dup in classified.duplicates {
+            if state.duplicates.contains(&dup) {
+                stats.duplicates -= 1;
+            } else {
+                state.duplicates.push(dup);
+            }
+        }
         state.offsets.insert(write.key.clone(), write.batch.next_offset);
         Ok(WriteOutcome::Committed(stats))
     }

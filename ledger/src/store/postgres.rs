@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{BatchStats, EventStore, OffsetKey, WriteBatch, WriteOutcome};
 use crate::batch::{classify, Classified, ExistingEvent};
-use crate::envelope::Event;
+use crate::envelope::{DeadLetter, DeadLetterReason, Event};
 use crate::error::StoreError;
 
 /// The SQL migrations in migrations/, embedded in the binary.
@@ -244,7 +244,10 @@ impl EventStore for PgEventStore {
         let ids = write.batch.event_ids();
         let mut existing = HashMap::new();
         if !ids.is_empty() {
-            let rows = sqlx::query("SELECT event_id, content_hash, seq FROM events WHERE event_id = ANY($1)")
+            let rows = sqlx::query(
+                "SELECT event_id, content_hash, seq, kafka_topic, kafka_partition, kafka_offset
+                 FROM events WHERE event_id = ANY($1)",
+            )
                 .bind(&ids)
                 .fetch_all(&mut *tx)
                 .await?;
@@ -257,38 +260,49 @@ impl EventStore for PgEventStore {
                     ExistingEvent {
                         content_hash: hash.try_into().unwrap_or([0; 32]),
                         location: format!("seq {seq}"),
+                        position: (row.try_get(3)?, row.try_get(4)?, row.try_get(5)?),
                     },
                 );
             }
         }
         let Classified {
-            events,
-            dead_letters,
+            mut events,
+            mut dead_letters,
             duplicates,
         } = classify(write.batch, &existing);
 
         if !events.is_empty() {
-            let mut copy = tx
-                .copy_in_raw(
-                    "COPY events (event_id, event_type, stream_id, stream_version, occurred_at, source,
-                     correlation_id, causation_id, subject_id, payload, metadata, headers, content_hash,
-                     kafka_topic, kafka_partition, kafka_offset) FROM STDIN",
-                )
-                .await?;
-            let mut buffer = String::with_capacity(events.len() * 1024);
-            for event in &events {
-                encode_copy_row(&mut buffer, event);
+            sqlx::query("SAVEPOINT copy_events").execute(&mut *tx).await?;
+            match copy_events(&mut tx, &events).await {
+                Ok(()) => {}
+                Err(StoreError::Data(_)) => {
+                    // Some row passed validation but the database refuses it:
+                    // find it row by row, so one record never stalls a partition.
+                    sqlx::query("ROLLBACK TO SAVEPOINT copy_events").execute(&mut *tx).await?;
+                    let (kept, refused) = isolate_refused(&mut tx, events).await?;
+                    events = kept;
+                    for (event, error) in refused {
+                        let record = write.batch.records.iter().find(|r| r.offset == event.kafka_offset);
+                        if let Some(record) = record {
+                            dead_letters.push(DeadLetter::from_record(
+                                record,
+                                Some(event.event_id),
+                                DeadLetterReason::RejectedByDatabase { error },
+                            ));
+                        }
+                    }
+                }
+                Err(other) => return Err(other),
             }
-            if let Err(e) = copy.send(buffer.into_bytes()).await {
-                let _ = copy.abort("send failed").await;
-                return Err(e.into());
-            }
-            copy.finish().await?;
         }
+        // ON CONFLICT DO NOTHING: a position already accounted for (another
+        // consumer group re-reading the topic) is not counted twice.
+        let mut dead_letters_stored = 0;
         for dead in &dead_letters {
-            sqlx::query(
+            dead_letters_stored += sqlx::query(
                 "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, raw_key, raw_value,
-                 headers, event_id, reason_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                 headers, event_id, reason_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+                 ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING",
             )
             .bind(&dead.kafka_topic)
             .bind(dead.kafka_partition)
@@ -298,21 +312,25 @@ impl EventStore for PgEventStore {
             .bind(&dead.headers)
             .bind(dead.event_id)
             .bind(dead.reason.code())
-            .bind(dead.reason.to_string())
+            // text cannot hold U+0000; a field name in the reason might.
+            .bind(dead.reason.to_string().replace('\0', "\\0"))
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         }
+        let mut duplicates_stored = 0;
         for duplicate in &duplicates {
-            sqlx::query(
+            duplicates_stored += sqlx::query(
                 "INSERT INTO duplicates (kafka_topic, kafka_partition, kafka_offset, event_id)
-                 VALUES ($1, $2, $3, $4)",
+                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
             )
             .bind(&duplicate.kafka_topic)
             .bind(duplicate.kafka_partition)
             .bind(duplicate.kafka_offset)
             .bind(duplicate.event_id)
             .execute(&mut *tx)
-            .await?;
+            .await?
+            .rows_affected();
         }
         sqlx::query(
             "UPDATE consumer_offsets SET next_offset = $4, updated_at = now(), updated_by = $5
@@ -328,14 +346,58 @@ impl EventStore for PgEventStore {
         tx.commit().await?;
         Ok(WriteOutcome::Committed(BatchStats {
             events: events.len() as u64,
-            dead_letters: dead_letters.len() as u64,
-            duplicates: duplicates.len() as u64,
+            dead_letters: dead_letters_stored,
+            duplicates: duplicates_stored,
         }))
     }
 }
 
+async fn copy_events(conn: &mut sqlx::PgConnection, events: &[Event]) -> Result<(), StoreError> {
+    let mut buffer = String::with_capacity(events.len() * 1024);
+    for event in events {
+        encode_copy_row(&mut buffer, event);
+    }
+    let mut copy = conn.copy_in_raw(COPY_EVENTS).await?;
+    if let Err(e) = copy.send(buffer.into_bytes()).await {
+        let _ = copy.abort("send failed").await;
+        return Err(e.into());
+    }
+    copy.finish().await?;
+    Ok(())
+}
+
+/// Copies events one by one under savepoints; returns those stored and those
+/// the database refused, with its reason.
+async fn isolate_refused(
+    conn: &mut sqlx::PgConnection,
+    events: Vec<Event>,
+) -> Result<(Vec<Event>, Vec<(Event, String)>), StoreError> {
+    let mut kept = Vec::with_capacity(events.len());
+    let mut refused = Vec::new();
+    for event in events {
+        sqlx::query("SAVEPOINT one_event").execute(&mut *conn).await?;
+        match copy_events(conn, std::slice::from_ref(&event)).await {
+            Ok(()) => {
+                sqlx::query("RELEASE SAVEPOINT one_event").execute(&mut *conn).await?;
+                kept.push(event);
+            }
+            Err(StoreError::Data(reason)) => {
+                sqlx::query("ROLLBACK TO SAVEPOINT one_event").execute(&mut *conn).await?;
+                refused.push((event, reason));
+            }
+            Err(other) => return Err(other),
+        }
+    }
+    Ok((kept, refused))
+}
+
+/// The COPY statement [`encode_copy_row`] produces rows for.
+pub const COPY_EVENTS: &str = "COPY events (event_id, event_type, stream_id, stream_version, occurred_at, source,
+     correlation_id, causation_id, subject_id, payload, metadata, headers, content_hash,
+     kafka_topic, kafka_partition, kafka_offset) FROM STDIN";
+
 /// Appends one row in COPY's text format (tab-separated, `\N` for NULL).
-fn encode_copy_row(out: &mut String, event: &Event) {
+pub fn encode_copy_row(out: &mut String, event: &Event) {
     let _ = write!(out, "{}\t", event.event_id);
     copy_text(out, &event.event_type);
     out.push('\t');
