@@ -7,7 +7,6 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Instant;
 
 use async_trait::async_trait;
 use audit_ledger::{EventStore, OffsetKey};
@@ -26,7 +25,10 @@ pub type TopicPartition = (String, i32);
 /// Joins the consumer group and reports rebalances to the consumer actor.
 #[async_trait]
 pub trait Connector: Send + Sync + 'static {
-    async fn connect(&self, consumer: ActorRef<ConsumerMsg>) -> Result<Box<dyn ConnectorHandle>, SourceError>;
+    async fn connect(
+        &self,
+        consumer: ActorRef<ConsumerMsg>,
+    ) -> Result<Box<dyn ConnectorHandle>, SourceError>;
 }
 
 /// A live group membership.
@@ -46,7 +48,10 @@ pub enum ConsumerMsg {
     Assigned(Vec<Assignment>),
     Revoked(Vec<TopicPartition>),
     /// Delayed restart of a failed partition actor (see the restart policy).
-    RestartPartition { tp: TopicPartition, generation: u64 },
+    RestartPartition {
+        tp: TopicPartition,
+        generation: u64,
+    },
     /// The group membership failed beyond repair: fail this actor.
     ConnectorFailed(String),
     /// Test and health probe: how many partition actors run.
@@ -107,7 +112,11 @@ impl Actor for ConsumerActor {
     type State = ConsumerState;
     type Arguments = ConsumerArgs;
 
-    async fn pre_start(&self, myself: ActorRef<ConsumerMsg>, args: ConsumerArgs) -> Result<ConsumerState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ConsumerMsg>,
+        args: ConsumerArgs,
+    ) -> Result<ConsumerState, ActorProcessingErr> {
         let handle = args.connector.connect(myself).await?;
         Ok(ConsumerState {
             permits: Arc::new(Semaphore::new(args.config.max_inflight_batches.max(1))),
@@ -119,7 +128,12 @@ impl Actor for ConsumerActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<ConsumerMsg>, msg: ConsumerMsg, state: &mut ConsumerState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<ConsumerMsg>,
+        msg: ConsumerMsg,
+        state: &mut ConsumerState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             ConsumerMsg::Assigned(assignments) => {
                 telemetry::rebalance("assign", assignments.len());
@@ -155,7 +169,10 @@ impl Actor for ConsumerActor {
                 telemetry::partitions_assigned(state.slots.len());
             }
             ConsumerMsg::RestartPartition { tp, generation } => {
-                let current = state.slots.get(&tp).map(|s| (s.tracker.generation(), s.actor.is_some()));
+                let current = state
+                    .slots
+                    .get(&tp)
+                    .map(|s| (s.tracker.generation(), s.actor.is_some()));
                 if current == Some((generation, false)) {
                     state.spawn_partition(&myself, &tp).await?;
                 }
@@ -171,7 +188,12 @@ impl Actor for ConsumerActor {
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<ConsumerMsg>, event: SupervisionEvent, state: &mut ConsumerState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<ConsumerMsg>,
+        event: SupervisionEvent,
+        state: &mut ConsumerState,
+    ) -> Result<(), ActorProcessingErr> {
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
                 let Some(tp) = state.by_actor.remove(&cell.get_id()) else {
@@ -194,7 +216,11 @@ impl Actor for ConsumerActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<ConsumerMsg>, state: &mut ConsumerState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<ConsumerMsg>,
+        state: &mut ConsumerState,
+    ) -> Result<(), ActorProcessingErr> {
         // Let batches in flight finish, then leave the group.
         // All at once: each may be finishing a batch.
         let wait = state.config.poll_wait * 20;
@@ -202,7 +228,11 @@ impl Actor for ConsumerActor {
             .slots
             .drain()
             .filter_map(|(_, s)| s.actor)
-            .map(|actor| async move { actor.stop_and_wait(Some("shutdown".into()), Some(wait)).await });
+            .map(|actor| async move {
+                actor
+                    .stop_and_wait(Some("shutdown".into()), Some(wait))
+                    .await
+            });
         futures::future::join_all(stops).await;
         telemetry::partitions_assigned(0);
         if let Some(handle) = state.handle.take() {
@@ -215,26 +245,44 @@ impl Actor for ConsumerActor {
 impl ConsumerState {
     /// One-for-one restart with backoff; past the budget, fail this actor so
     /// the node supervisor decides.
-    fn on_partition_failure(&mut self, myself: &ActorRef<ConsumerMsg>, tp: &TopicPartition, error: &dyn std::fmt::Display) -> Result<(), ActorProcessingErr> {
+    fn on_partition_failure(
+        &mut self,
+        myself: &ActorRef<ConsumerMsg>,
+        tp: &TopicPartition,
+        error: &dyn std::fmt::Display,
+    ) -> Result<(), ActorProcessingErr> {
         let Some(slot) = self.slots.get_mut(tp) else {
             return Ok(());
         };
         let child = format!("partition:{}:{}", tp.0, tp.1);
-        match slot.tracker.on_failure(Instant::now()) {
+        match slot
+            .tracker
+            .on_failure(tokio::time::Instant::now().into_std())
+        {
             RestartDecision::Restart { delay, generation } => {
                 telemetry::actor_restart_scheduled(&child, generation, delay, error);
                 let tp = tp.clone();
-                myself.send_after(delay, move || ConsumerMsg::RestartPartition { tp, generation });
+                myself.send_after(delay, move || ConsumerMsg::RestartPartition {
+                    tp,
+                    generation,
+                });
                 Ok(())
             }
             RestartDecision::Escalate { restarts_in_window } => {
                 telemetry::actor_escalated(&child, restarts_in_window, error);
-                Err(format!("{child} failed {restarts_in_window} times within the restart window: {error}").into())
+                Err(format!(
+                    "{child} failed {restarts_in_window} times within the restart window: {error}"
+                )
+                .into())
             }
         }
     }
 
-    async fn spawn_partition(&mut self, myself: &ActorRef<ConsumerMsg>, tp: &TopicPartition) -> Result<(), ActorProcessingErr> {
+    async fn spawn_partition(
+        &mut self,
+        myself: &ActorRef<ConsumerMsg>,
+        tp: &TopicPartition,
+    ) -> Result<(), ActorProcessingErr> {
         let Some(slot) = self.slots.get_mut(tp) else {
             return Ok(());
         };

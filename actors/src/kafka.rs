@@ -15,7 +15,9 @@ use audit_ledger::{Header, RawRecord};
 use ractor::ActorRef;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::util::Timeout;
@@ -45,7 +47,11 @@ pub struct KafkaSettings {
 }
 
 impl KafkaSettings {
-    pub fn new(brokers: impl Into<String>, topics: Vec<String>, group_id: impl Into<String>) -> Self {
+    pub fn new(
+        brokers: impl Into<String>,
+        topics: Vec<String>,
+        group_id: impl Into<String>,
+    ) -> Self {
         Self {
             brokers: brokers.into(),
             topics,
@@ -53,7 +59,7 @@ impl KafkaSettings {
             client_id: "audit-node".into(),
             group_protocol: "classic".into(),
             session_timeout: Duration::from_secs(45),
-            queued_max_kbytes: 512,
+            queued_max_kbytes: 256,
             extra: BTreeMap::new(),
         }
     }
@@ -77,13 +83,25 @@ impl KafkaSettings {
             .set("enable.partition.eof", "false")
             // Bounded prefetch per partition (split queues count per partition).
             .set("queued.min.messages", "2000")
-            .set("queued.max.messages.kbytes", self.queued_max_kbytes.to_string())
-            .set("max.partition.fetch.bytes", (self.queued_max_kbytes.max(64) * 1024).to_string())
+            .set(
+                "queued.max.messages.kbytes",
+                self.queued_max_kbytes.to_string(),
+            )
+            .set(
+                "max.partition.fetch.bytes",
+                (self.queued_max_kbytes.max(64) * 1024).to_string(),
+            )
+            // A fetch response stays in memory until its last record is
+            // consumed, so one slow partition pins the whole response.
+            .set("fetch.max.bytes", (16 * 1024 * 1024).to_string())
             .set_log_level(RDKafkaLogLevel::Info);
         if self.group_protocol == "classic" {
             config
                 .set("partition.assignment.strategy", "cooperative-sticky")
-                .set("session.timeout.ms", self.session_timeout.as_millis().to_string());
+                .set(
+                    "session.timeout.ms",
+                    self.session_timeout.as_millis().to_string(),
+                );
         }
         config
     }
@@ -101,7 +119,9 @@ impl ClientContext for KafkaContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
         use RDKafkaLogLevel::*;
         match level {
-            Emerg | Alert | Critical | Error => tracing::error!(target: "librdkafka", fac, "{message}"),
+            Emerg | Alert | Critical | Error => {
+                tracing::error!(target: "librdkafka", fac, "{message}")
+            }
             Warning => tracing::warn!(target: "librdkafka", fac, "{message}"),
             Notice | Info => tracing::info!(target: "librdkafka", fac, "{message}"),
             Debug => tracing::debug!(target: "librdkafka", fac, "{message}"),
@@ -116,8 +136,14 @@ impl ClientContext for KafkaContext {
 impl ConsumerContext for KafkaContext {
     fn pre_rebalance(&self, _base: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
-            let revoked = tpl.elements().iter().map(|e| (e.topic().to_string(), e.partition())).collect();
-            let _ = self.consumer_actor.send_message(ConsumerMsg::Revoked(revoked));
+            let revoked = tpl
+                .elements()
+                .iter()
+                .map(|e| (e.topic().to_string(), e.partition()))
+                .collect();
+            let _ = self
+                .consumer_actor
+                .send_message(ConsumerMsg::Revoked(revoked));
         }
     }
 
@@ -142,13 +168,17 @@ impl ConsumerContext for KafkaContext {
                             }),
                         }),
                         None => {
-                            let _ = self.consumer_actor.send_message(ConsumerMsg::ConnectorFailed(format!(
-                                "cannot split the queue of {topic}/{partition}"
-                            )));
+                            let _ = self
+                                .consumer_actor
+                                .send_message(ConsumerMsg::ConnectorFailed(format!(
+                                    "cannot split the queue of {topic}/{partition}"
+                                )));
                         }
                     }
                 }
-                let _ = self.consumer_actor.send_message(ConsumerMsg::Assigned(assignments));
+                let _ = self
+                    .consumer_actor
+                    .send_message(ConsumerMsg::Assigned(assignments));
             }
             Rebalance::Error(error) => {
                 tracing::warn!(error = %error, "rebalance error");
@@ -164,7 +194,10 @@ pub struct KafkaConnector {
 
 #[async_trait]
 impl Connector for KafkaConnector {
-    async fn connect(&self, consumer_actor: ActorRef<ConsumerMsg>) -> Result<Box<dyn ConnectorHandle>, SourceError> {
+    async fn connect(
+        &self,
+        consumer_actor: ActorRef<ConsumerMsg>,
+    ) -> Result<Box<dyn ConnectorHandle>, SourceError> {
         let context = KafkaContext {
             consumer_actor,
             consumer: OnceLock::new(),
@@ -232,7 +265,10 @@ impl ConnectorHandle for KafkaHandle {
                 consumer.unsubscribe();
                 drop(consumer);
             });
-            if tokio::time::timeout(Duration::from_secs(10), closing).await.is_err() {
+            if tokio::time::timeout(Duration::from_secs(10), closing)
+                .await
+                .is_err()
+            {
                 tracing::warn!("kafka consumer did not close within 10s; leaving it behind");
             }
         }
@@ -307,7 +343,12 @@ impl RecordSource for KafkaPartitionSource {
         self.partition
     }
 
-    async fn next_batch(&self, max: usize, max_wait: Duration, linger: Duration) -> Result<Vec<RawRecord>, SourceError> {
+    async fn next_batch(
+        &self,
+        max: usize,
+        max_wait: Duration,
+        linger: Duration,
+    ) -> Result<Vec<RawRecord>, SourceError> {
         let first = match tokio::time::timeout(max_wait, self.queue.recv()).await {
             Err(_idle) => return Ok(Vec::new()),
             Ok(Err(error)) => return Err(SourceError::Transient(error.to_string())),
@@ -334,7 +375,12 @@ impl RecordSource for KafkaPartitionSource {
             // Right after an assignment librdkafka may not accept a seek yet.
             let mut last = None;
             for attempt in 0..20u64 {
-                match consumer.seek(&topic, partition, target, Timeout::After(Duration::from_secs(10))) {
+                match consumer.seek(
+                    &topic,
+                    partition,
+                    target,
+                    Timeout::After(Duration::from_secs(10)),
+                ) {
                     Ok(()) => return Ok(()),
                     Err(e) => last = Some(e),
                 }
@@ -362,10 +408,10 @@ impl RecordSource for KafkaPartitionSource {
     }
 
     fn commit(&self, next_offset: i64) {
-        if let Err(error) = self
-            .consumer
-            .commit(&self.tpl(Some(Offset::Offset(next_offset))), CommitMode::Async)
-        {
+        if let Err(error) = self.consumer.commit(
+            &self.tpl(Some(Offset::Offset(next_offset))),
+            CommitMode::Async,
+        ) {
             // Expected during rebalances; the store holds the real offset.
             tracing::debug!(topic = %self.topic, partition = self.partition, error = %error, "informational kafka commit failed");
         }

@@ -78,7 +78,11 @@ impl Actor for PartitionActor {
 
     /// Does no I/O: positioning happens in the first step, so a slow store
     /// or broker never blocks the consumer actor that spawns partitions.
-    async fn pre_start(&self, myself: ActorRef<Self::Msg>, args: PartitionArgs) -> Result<PartitionState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        args: PartitionArgs,
+    ) -> Result<PartitionState, ActorProcessingErr> {
         telemetry::partition_started(&args.key.topic, args.key.partition, args.generation);
         myself.send_message(PartitionMsg::Step)?;
         Ok(PartitionState {
@@ -98,7 +102,12 @@ impl Actor for PartitionActor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<Self::Msg>, msg: PartitionMsg, state: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        msg: PartitionMsg,
+        state: &mut PartitionState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             PartitionMsg::Step => match state.step().await? {
                 None => myself.send_message(PartitionMsg::Step)?,
@@ -110,7 +119,11 @@ impl Actor for PartitionActor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<Self::Msg>, state: &mut PartitionState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut PartitionState,
+    ) -> Result<(), ActorProcessingErr> {
         // Not called when the actor fails or is killed: the next incarnation
         // resumes the partition instead (it starts as `paused`).
         let _ = state.resume_if_paused();
@@ -155,7 +168,13 @@ impl PartitionState {
             Err(error) if error.is_retryable() => {
                 self.failures += 1;
                 let delay = retry_delay(&self.config, self.failures);
-                telemetry::store_read_failed(&self.key.topic, self.key.partition, self.failures, delay, &error);
+                telemetry::store_read_failed(
+                    &self.key.topic,
+                    self.key.partition,
+                    self.failures,
+                    delay,
+                    &error,
+                );
                 Ok(Some(delay))
             }
             Err(error) => Err(error.into()),
@@ -167,23 +186,45 @@ impl PartitionState {
         // Wait for data before taking a permit, so idle partitions never hold
         // the node's in-flight budget (at most one record each is held here).
         if self.carry.is_empty() {
-            self.carry = self.source.next_batch(1, config.poll_wait, Duration::ZERO).await?;
+            self.carry = self
+                .source
+                .next_batch(1, config.poll_wait, Duration::ZERO)
+                .await?;
             if self.carry.is_empty() {
                 return Ok(None);
             }
         }
         // No permit in time: give the mailbox a turn (stop requests) and retry.
-        let permit = match tokio::time::timeout(config.poll_wait, self.permits.clone().acquire_owned()).await {
+        let permit = match tokio::time::timeout(
+            config.poll_wait,
+            self.permits.clone().acquire_owned(),
+        )
+        .await
+        {
             Ok(Ok(permit)) => permit,
             Ok(Err(_)) | Err(_) => return Ok(None),
         };
         let mut records = std::mem::take(&mut self.carry);
         if config.batch_max_records > records.len() {
-            let more = self
+            match self
                 .source
-                .next_batch(config.batch_max_records - records.len(), Duration::ZERO, config.batch_linger)
-                .await?;
-            records.extend(more);
+                .next_batch(
+                    config.batch_max_records - records.len(),
+                    Duration::ZERO,
+                    config.batch_linger,
+                )
+                .await
+            {
+                Ok(more) => records.extend(more),
+                // Write what we have; the error shows again on the next read.
+                Err(SourceError::Transient(e)) => {
+                    telemetry::source_error(&self.key.topic, self.key.partition, &e)
+                }
+                Err(fatal) => {
+                    self.carry = records;
+                    return Err(fatal.into());
+                }
+            }
         }
         let Some(records) = self.skip_or_seek(records).await? else {
             return Ok(None);
@@ -192,29 +233,50 @@ impl PartitionState {
         let batch = tokio::task::spawn_blocking(move || PreparedBatch::parse(records, &parse))
             .await
             .map_err(|e| PartitionError::Parse(e.to_string()))?;
-        Ok(batch.map(|batch| Pending { batch, _permit: permit }))
+        Ok(batch.map(|batch| Pending {
+            batch,
+            _permit: permit,
+        }))
     }
 
     /// Keeps only records at or after the stored offset, and seeks back when
     /// records were skipped over. `None`: nothing to write this time.
-    async fn skip_or_seek(&mut self, mut records: Vec<audit_ledger::RawRecord>) -> Result<Option<Vec<audit_ledger::RawRecord>>, PartitionError> {
+    async fn skip_or_seek(
+        &mut self,
+        mut records: Vec<audit_ledger::RawRecord>,
+    ) -> Result<Option<Vec<audit_ledger::RawRecord>>, PartitionError> {
         if let Some(expected) = self.expected {
             let before = records.len();
             records.retain(|r| r.offset >= expected);
             if records.len() < before {
-                telemetry::records_skipped(&self.key.topic, self.key.partition, before - records.len(), expected);
+                telemetry::records_skipped(
+                    &self.key.topic,
+                    self.key.partition,
+                    before - records.len(),
+                    expected,
+                );
             }
             if let Some(first) = records.first() {
                 if first.offset > expected {
                     if self.gap_tolerated_at != Some(expected) {
-                        telemetry::partition_seek(&self.key.topic, self.key.partition, Some(expected), "gap before first record");
+                        telemetry::partition_seek(
+                            &self.key.topic,
+                            self.key.partition,
+                            Some(expected),
+                            "gap before first record",
+                        );
                         self.gap_tolerated_at = Some(expected);
                         self.source.seek(Some(expected)).await?;
                         return Ok(None);
                     }
                     // Still a gap after seeking back: those offsets are not in
                     // the log (retention, compaction or transaction markers).
-                    telemetry::offsets_missing_from_log(&self.key.topic, self.key.partition, expected, first.offset);
+                    telemetry::offsets_missing_from_log(
+                        &self.key.topic,
+                        self.key.partition,
+                        expected,
+                        first.offset,
+                    );
                 }
             }
         }
@@ -238,7 +300,13 @@ impl PartitionState {
         match result {
             Ok(WriteOutcome::Committed(stats)) => {
                 let next = pending.batch.next_offset;
-                telemetry::batch_committed(&self.key.topic, self.key.partition, next, stats, started.elapsed());
+                telemetry::batch_committed(
+                    &self.key.topic,
+                    self.key.partition,
+                    next,
+                    stats,
+                    started.elapsed(),
+                );
                 self.expected = Some(next);
                 self.pending = None;
                 self.failures = 0;
@@ -247,7 +315,12 @@ impl PartitionState {
                 Ok(None)
             }
             Ok(WriteOutcome::Fenced { stored }) => {
-                telemetry::partition_fenced(&self.key.topic, self.key.partition, self.expected, stored);
+                telemetry::partition_fenced(
+                    &self.key.topic,
+                    self.key.partition,
+                    self.expected,
+                    stored,
+                );
                 self.pending = None;
                 self.carry.clear();
                 self.expected = stored;
@@ -259,15 +332,26 @@ impl PartitionState {
             Err(error) if error.is_retryable() => {
                 self.failures += 1;
                 let delay = retry_delay(&self.config, self.failures);
-                telemetry::store_write_failed(&self.key.topic, self.key.partition, self.failures, delay, &error);
+                telemetry::store_write_failed(
+                    &self.key.topic,
+                    self.key.partition,
+                    self.failures,
+                    delay,
+                    &error,
+                );
                 if !self.paused {
                     self.source.pause()?;
                     self.paused = true;
                 }
                 // A concurrent-write conflict resolves at once (the retry
                 // reclassifies); only repeated conflicts back off.
-                let conflict_first_retry = matches!(error, StoreError::Conflict(_)) && self.failures == 1;
-                Ok(Some(if conflict_first_retry { Duration::ZERO } else { delay }))
+                let conflict_first_retry =
+                    matches!(error, StoreError::Conflict(_)) && self.failures == 1;
+                Ok(Some(if conflict_first_retry {
+                    Duration::ZERO
+                } else {
+                    delay
+                }))
             }
             Err(error) => Err(error.into()),
         }
@@ -283,8 +367,13 @@ impl PartitionState {
 }
 
 fn retry_delay(config: &PipelineConfig, failures: u32) -> Duration {
-    let factor = 1u32.checked_shl(failures.saturating_sub(1).min(31)).unwrap_or(u32::MAX);
-    config.write_retry_base.saturating_mul(factor).min(config.write_retry_max)
+    let factor = 1u32
+        .checked_shl(failures.saturating_sub(1).min(31))
+        .unwrap_or(u32::MAX);
+    config
+        .write_retry_base
+        .saturating_mul(factor)
+        .min(config.write_retry_max)
 }
 
 #[cfg(test)]

@@ -84,7 +84,10 @@ impl RestartTracker {
 /// `base * 2^n`, capped.
 pub fn backoff(policy: &RestartPolicy, n: u32) -> Duration {
     let factor = 1u32.checked_shl(n.min(31)).unwrap_or(u32::MAX);
-    policy.base_backoff.saturating_mul(factor).min(policy.max_backoff)
+    policy
+        .base_backoff
+        .saturating_mul(factor)
+        .min(policy.max_backoff)
 }
 
 #[cfg(test)]
@@ -105,13 +108,40 @@ mod tests {
         let start = Instant::now();
         let mut tracker = RestartTracker::new(policy());
         let table = [
-            (0, RestartDecision::Restart { delay: Duration::from_millis(100), generation: 1 }),
-            (1, RestartDecision::Restart { delay: Duration::from_millis(200), generation: 2 }),
-            (2, RestartDecision::Restart { delay: Duration::from_millis(250), generation: 3 }),
-            (3, RestartDecision::Escalate { restarts_in_window: 3 }),
+            (
+                0,
+                RestartDecision::Restart {
+                    delay: Duration::from_millis(100),
+                    generation: 1,
+                },
+            ),
+            (
+                1,
+                RestartDecision::Restart {
+                    delay: Duration::from_millis(200),
+                    generation: 2,
+                },
+            ),
+            (
+                2,
+                RestartDecision::Restart {
+                    delay: Duration::from_millis(250),
+                    generation: 3,
+                },
+            ),
+            (
+                3,
+                RestartDecision::Escalate {
+                    restarts_in_window: 3,
+                },
+            ),
         ];
         for (second, expected) in table {
-            assert_eq!(tracker.on_failure(start + Duration::from_secs(second)), expected, "failure at +{second}s");
+            assert_eq!(
+                tracker.on_failure(start + Duration::from_secs(second)),
+                expected,
+                "failure at +{second}s"
+            );
         }
     }
 
@@ -125,18 +155,27 @@ mod tests {
         // 10 s after the first restart, only two remain in the window.
         assert_eq!(
             tracker.on_failure(start + Duration::from_secs(10)),
-            RestartDecision::Restart { delay: Duration::from_millis(250), generation: 4 }
+            RestartDecision::Restart {
+                delay: Duration::from_millis(250),
+                generation: 4
+            }
         );
         // Long quiet: the budget is whole again and the backoff resets.
         assert_eq!(
             tracker.on_failure(start + Duration::from_secs(60)),
-            RestartDecision::Restart { delay: Duration::from_millis(100), generation: 5 }
+            RestartDecision::Restart {
+                delay: Duration::from_millis(100),
+                generation: 5
+            }
         );
     }
 
     #[test]
     fn backoff_saturates() {
-        let p = RestartPolicy { max_backoff: Duration::from_secs(600), ..policy() };
+        let p = RestartPolicy {
+            max_backoff: Duration::from_secs(600),
+            ..policy()
+        };
         assert_eq!(backoff(&p, 40), Duration::from_secs(600));
     }
 }

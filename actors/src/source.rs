@@ -24,8 +24,12 @@ pub trait RecordSource: Send + Sync + 'static {
 
     /// Waits up to `max_wait` for a first record, then up to `linger` for
     /// more, returning at most `max` consecutive records (maybe none).
-    async fn next_batch(&self, max: usize, max_wait: Duration, linger: Duration)
-        -> Result<Vec<RawRecord>, SourceError>;
+    async fn next_batch(
+        &self,
+        max: usize,
+        max_wait: Duration,
+        linger: Duration,
+    ) -> Result<Vec<RawRecord>, SourceError>;
 
     /// Moves the read position: `Some(offset)`, or the earliest retained
     /// record for `None`.

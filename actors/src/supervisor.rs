@@ -4,7 +4,7 @@
 //! process exits non-zero and the orchestrator (Kubernetes) takes over.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use ractor::{Actor, ActorCell, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
@@ -23,7 +23,10 @@ pub trait ChildSpec: Send + Sync + 'static {
 pub struct NodeSupervisor;
 
 pub enum SupervisorMsg {
-    Restart { child: usize, generation: u64 },
+    Restart {
+        child: usize,
+        generation: u64,
+    },
     /// The running child of that name, if any (health checks, tests).
     Child(String, RpcReplyPort<Option<ActorCell>>),
 }
@@ -51,7 +54,11 @@ impl Actor for NodeSupervisor {
     type State = SupervisorState;
     type Arguments = SupervisorArgs;
 
-    async fn pre_start(&self, myself: ActorRef<SupervisorMsg>, args: SupervisorArgs) -> Result<SupervisorState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        args: SupervisorArgs,
+    ) -> Result<SupervisorState, ActorProcessingErr> {
         let mut children = Vec::new();
         for spec in args.children {
             // A first start must succeed: a bad broker address or config is
@@ -72,7 +79,12 @@ impl Actor for NodeSupervisor {
         })
     }
 
-    async fn handle(&self, myself: ActorRef<SupervisorMsg>, msg: SupervisorMsg, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        msg: SupervisorMsg,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         match msg {
             SupervisorMsg::Restart { child, generation } => {
                 let Some(entry) = state.children.get_mut(child) else {
@@ -87,19 +99,32 @@ impl Actor for NodeSupervisor {
                 }
             }
             SupervisorMsg::Child(name, reply) => {
-                let cell = state.children.iter().find(|c| c.spec.name() == name).and_then(|c| c.cell.clone());
+                let cell = state
+                    .children
+                    .iter()
+                    .find(|c| c.spec.name() == name)
+                    .and_then(|c| c.cell.clone());
                 let _ = reply.send(cell);
             }
         }
         Ok(())
     }
 
-    async fn handle_supervisor_evt(&self, myself: ActorRef<SupervisorMsg>, event: SupervisionEvent, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<SupervisorMsg>,
+        event: SupervisionEvent,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         let (cell, error) = match event {
             SupervisionEvent::ActorFailed(cell, error) => (cell, error.to_string()),
-            SupervisionEvent::ActorTerminated(cell, _, reason) => {
-                (cell, format!("terminated: {}", reason.unwrap_or_else(|| "no reason".into())))
-            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) => (
+                cell,
+                format!(
+                    "terminated: {}",
+                    reason.unwrap_or_else(|| "no reason".into())
+                ),
+            ),
             _ => return Ok(()),
         };
         let index = state
@@ -113,11 +138,17 @@ impl Actor for NodeSupervisor {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<SupervisorMsg>, state: &mut SupervisorState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<SupervisorMsg>,
+        state: &mut SupervisorState,
+    ) -> Result<(), ActorProcessingErr> {
         // Children stop in reverse start order: the API last-started goes first.
         for child in state.children.iter_mut().rev() {
             if let Some(cell) = child.cell.take() {
-                let _ = cell.stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(60))).await;
+                let _ = cell
+                    .stop_and_wait(Some("shutdown".into()), Some(Duration::from_secs(60)))
+                    .await;
             }
         }
         Ok(())
@@ -125,13 +156,24 @@ impl Actor for NodeSupervisor {
 }
 
 impl SupervisorState {
-    fn on_failure(&mut self, myself: &ActorRef<SupervisorMsg>, index: usize, error: &dyn std::fmt::Display) {
+    fn on_failure(
+        &mut self,
+        myself: &ActorRef<SupervisorMsg>,
+        index: usize,
+        error: &dyn std::fmt::Display,
+    ) {
         let child = &mut self.children[index];
         let name = child.spec.name().to_string();
-        match child.tracker.on_failure(Instant::now()) {
+        match child
+            .tracker
+            .on_failure(tokio::time::Instant::now().into_std())
+        {
             RestartDecision::Restart { delay, generation } => {
                 telemetry::actor_restart_scheduled(&name, generation, delay, error);
-                myself.send_after(delay, move || SupervisorMsg::Restart { child: index, generation });
+                myself.send_after(delay, move || SupervisorMsg::Restart {
+                    child: index,
+                    generation,
+                });
             }
             RestartDecision::Escalate { restarts_in_window } => {
                 telemetry::actor_escalated(&name, restarts_in_window, error);

@@ -8,8 +8,17 @@ use audit_ledger::BatchStats;
 use metrics::{counter, gauge, histogram};
 use tracing::{debug, error, info, warn};
 
-pub fn batch_committed(topic: &str, partition: i32, next_offset: i64, stats: BatchStats, took: Duration) {
-    let labels = [("topic", topic.to_string()), ("partition", partition.to_string())];
+pub fn batch_committed(
+    topic: &str,
+    partition: i32,
+    next_offset: i64,
+    stats: BatchStats,
+    took: Duration,
+) {
+    let labels = [
+        ("topic", topic.to_string()),
+        ("partition", partition.to_string()),
+    ];
     counter!("audit_events_ingested_total", &labels).increment(stats.events);
     counter!("audit_dead_letters_total", &labels).increment(stats.dead_letters);
     counter!("audit_duplicates_total", &labels).increment(stats.duplicates);
@@ -28,7 +37,13 @@ pub fn batch_committed(topic: &str, partition: i32, next_offset: i64, stats: Bat
     );
 }
 
-pub fn store_write_failed(topic: &str, partition: i32, attempt: u32, retry_in: Duration, error: &dyn std::fmt::Display) {
+pub fn store_write_failed(
+    topic: &str,
+    partition: i32,
+    attempt: u32,
+    retry_in: Duration,
+    error: &dyn std::fmt::Display,
+) {
     counter!("audit_store_write_failures_total", "topic" => topic.to_string()).increment(1);
     warn!(
         topic,
@@ -58,7 +73,10 @@ pub fn partition_seek(topic: &str, partition: i32, offset: Option<i64>, reason: 
 
 pub fn records_skipped(topic: &str, partition: i32, count: usize, below: i64) {
     counter!("audit_records_skipped_total", "topic" => topic.to_string()).increment(count as u64);
-    debug!(topic, partition, count, below, "skipped records already stored");
+    debug!(
+        topic,
+        partition, count, below, "skipped records already stored"
+    );
 }
 
 pub fn partition_started(topic: &str, partition: i32, generation: u64) {
@@ -69,7 +87,13 @@ pub fn partitions_assigned(count: usize) {
     gauge!("audit_partitions_assigned").set(count as f64);
 }
 
-pub fn store_read_failed(topic: &str, partition: i32, attempt: u32, retry_in: Duration, error: &dyn std::fmt::Display) {
+pub fn store_read_failed(
+    topic: &str,
+    partition: i32,
+    attempt: u32,
+    retry_in: Duration,
+    error: &dyn std::fmt::Display,
+) {
     counter!("audit_store_read_failures_total", "topic" => topic.to_string()).increment(1);
     warn!(
         topic,
@@ -84,7 +108,8 @@ pub fn store_read_failed(topic: &str, partition: i32, attempt: u32, retry_in: Du
 /// Offsets the log no longer has: lost to retention before they were read
 /// (an operator must know), or legitimately absent (compaction, markers).
 pub fn offsets_missing_from_log(topic: &str, partition: i32, expected: i64, first_available: i64) {
-    counter!("audit_offsets_missing_total", "topic" => topic.to_string()).increment((first_available - expected) as u64);
+    counter!("audit_offsets_missing_total", "topic" => topic.to_string())
+        .increment((first_available - expected) as u64);
     warn!(
         topic,
         partition,
@@ -94,7 +119,12 @@ pub fn offsets_missing_from_log(topic: &str, partition: i32, expected: i64, firs
     );
 }
 
-pub fn actor_restart_scheduled(child: &str, generation: u64, delay: Duration, error: &dyn std::fmt::Display) {
+pub fn actor_restart_scheduled(
+    child: &str,
+    generation: u64,
+    delay: Duration,
+    error: &dyn std::fmt::Display,
+) {
     counter!("audit_actor_restarts_total", "child" => child_kind(child)).increment(1);
     warn!(child, generation, delay_ms = delay.as_millis() as u64, error = %error, "actor failed, restarting");
 }

@@ -33,7 +33,10 @@ pub struct ApiConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ApiError {
     #[error("cannot listen on {addr}: {source}; choose another --api-addr (AUDIT_API_ADDR)")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 struct HealthApi {
@@ -71,7 +74,12 @@ impl HealthApi {
     /// Prometheus metrics in the text exposition format.
     #[oai(path = "/metrics", method = "get")]
     async fn metrics(&self) -> PlainText<String> {
-        PlainText(self.metrics.as_ref().map(PrometheusHandle::render).unwrap_or_default())
+        PlainText(
+            self.metrics
+                .as_ref()
+                .map(PrometheusHandle::render)
+                .unwrap_or_default(),
+        )
     }
 }
 
@@ -87,18 +95,28 @@ impl Actor for ApiActor {
     type State = ApiState;
     type Arguments = ApiConfig;
 
-    async fn pre_start(&self, _myself: ActorRef<()>, config: ApiConfig) -> Result<ApiState, ActorProcessingErr> {
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<()>,
+        config: ApiConfig,
+    ) -> Result<ApiState, ActorProcessingErr> {
         let api = HealthApi {
             metrics: config.metrics.clone(),
             readiness: config.readiness.clone(),
         };
         let service = OpenApiService::new(api, "order-audit-trail", env!("CARGO_PKG_VERSION"));
         let spec = service.spec_endpoint();
-        let app = Route::new().at("/openapi.json", spec).nest("/", service).boxed();
+        let app = Route::new()
+            .at("/openapi.json", spec)
+            .nest("/", service)
+            .boxed();
         let acceptor = TcpListener::bind(config.addr.to_string())
             .into_acceptor()
             .await
-            .map_err(|source| ApiError::Bind { addr: config.addr, source })?;
+            .map_err(|source| ApiError::Bind {
+                addr: config.addr,
+                source,
+            })?;
         let local = acceptor
             .local_addr()
             .first()
@@ -126,11 +144,20 @@ impl Actor for ApiActor {
         })
     }
 
-    async fn handle(&self, _myself: ActorRef<()>, _msg: (), _state: &mut ApiState) -> Result<(), ActorProcessingErr> {
+    async fn handle(
+        &self,
+        _myself: ActorRef<()>,
+        _msg: (),
+        _state: &mut ApiState,
+    ) -> Result<(), ActorProcessingErr> {
         Ok(())
     }
 
-    async fn post_stop(&self, _myself: ActorRef<()>, state: &mut ApiState) -> Result<(), ActorProcessingErr> {
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<()>,
+        state: &mut ApiState,
+    ) -> Result<(), ActorProcessingErr> {
         if let Some(tx) = state.shutdown.take() {
             let _ = tx.send(());
         }
@@ -153,7 +180,8 @@ impl ChildSpec for ApiSpec {
     }
 
     async fn spawn(&self, supervisor: ActorCell) -> Result<ActorCell, ActorProcessingErr> {
-        let (actor, _join) = Actor::spawn_linked(None, ApiActor, self.0.clone(), supervisor).await?;
+        let (actor, _join) =
+            Actor::spawn_linked(None, ApiActor, self.0.clone(), supervisor).await?;
         Ok(actor.get_cell())
     }
 }

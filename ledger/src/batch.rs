@@ -24,7 +24,10 @@ impl PreparedBatch {
     pub fn parse(records: Vec<RawRecord>, options: &ParseOptions) -> Option<Self> {
         let next_offset = records.last()?.offset + 1;
         Some(Self {
-            items: records.iter().map(|r| envelope::parse(r, options)).collect(),
+            items: records
+                .iter()
+                .map(|r| envelope::parse(r, options))
+                .collect(),
             records,
             next_offset,
         })
@@ -39,7 +42,12 @@ impl PreparedBatch {
     }
 
     pub fn event_ids(&self) -> Vec<Uuid> {
-        let mut ids: Vec<Uuid> = self.items.iter().filter_map(|i| i.as_ref().ok()).map(|e| e.event_id).collect();
+        let mut ids: Vec<Uuid> = self
+            .items
+            .iter()
+            .filter_map(|i| i.as_ref().ok())
+            .map(|e| e.event_id)
+            .collect();
         ids.sort_unstable();
         ids.dedup();
         ids
@@ -91,7 +99,14 @@ pub fn classify(batch: &PreparedBatch, existing: &HashMap<Uuid, ExistingEvent>) 
             }
         };
         let stored = existing.get(&event.event_id);
-        if stored.is_some_and(|e| e.position == (event.kafka_topic.clone(), event.kafka_partition, event.kafka_offset)) {
+        if stored.is_some_and(|e| {
+            e.position
+                == (
+                    event.kafka_topic.clone(),
+                    event.kafka_partition,
+                    event.kafka_offset,
+                )
+        }) {
             continue;
         }
         let seen = stored

@@ -77,17 +77,36 @@ pub struct Event {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeadLetterReason {
     EmptyValue,
-    InvalidUtf8 { valid_up_to: usize },
-    NotJson { error: String },
+    InvalidUtf8 {
+        valid_up_to: usize,
+    },
+    NotJson {
+        error: String,
+    },
     NotAnObject,
-    MissingField { field: String },
-    InvalidField { field: String, problem: String },
-    UnknownField { field: String },
-    PayloadTooLarge { size: usize, max: usize },
-    EventIdConflict { event_id: Uuid, existing: String },
+    MissingField {
+        field: String,
+    },
+    InvalidField {
+        field: String,
+        problem: String,
+    },
+    UnknownField {
+        field: String,
+    },
+    PayloadTooLarge {
+        size: usize,
+        max: usize,
+    },
+    EventIdConflict {
+        event_id: Uuid,
+        existing: String,
+    },
     /// Passed validation but PostgreSQL refused the row: a validation gap,
     /// kept as a dead letter so one record never stalls its partition.
-    RejectedByDatabase { error: String },
+    RejectedByDatabase {
+        error: String,
+    },
 }
 
 impl DeadLetterReason {
@@ -110,12 +129,21 @@ impl DeadLetterReason {
 impl std::fmt::Display for DeadLetterReason {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Self::EmptyValue => write!(f, "record has no value (tombstone); an event needs a JSON envelope"),
+            Self::EmptyValue => write!(
+                f,
+                "record has no value (tombstone); an event needs a JSON envelope"
+            ),
             Self::InvalidUtf8 { valid_up_to } => {
-                write!(f, "value is not valid UTF-8 (first invalid byte at {valid_up_to})")
+                write!(
+                    f,
+                    "value is not valid UTF-8 (first invalid byte at {valid_up_to})"
+                )
             }
             Self::NotJson { error } => write!(f, "value is not JSON: {error}"),
-            Self::NotAnObject => write!(f, "value is JSON but not an object; expected an event envelope"),
+            Self::NotAnObject => write!(
+                f,
+                "value is JSON but not an object; expected an event envelope"
+            ),
             Self::MissingField { field } => write!(f, "required field `{field}` is missing"),
             Self::InvalidField { field, problem } => write!(f, "field `{field}` {problem}"),
             Self::UnknownField { field } => write!(
@@ -123,13 +151,18 @@ impl std::fmt::Display for DeadLetterReason {
                 "unknown top-level field `{field}`; put extra data in `payload` or `metadata`"
             ),
             Self::PayloadTooLarge { size, max } => {
-                write!(f, "payload is {size} bytes, over the configured maximum of {max}")
+                write!(
+                    f,
+                    "payload is {size} bytes, over the configured maximum of {max}"
+                )
             }
             Self::EventIdConflict { event_id, existing } => write!(
                 f,
                 "event_id {event_id} was already stored ({existing}) with different content"
             ),
-            Self::RejectedByDatabase { error } => write!(f, "the database refused the event: {error}"),
+            Self::RejectedByDatabase { error } => {
+                write!(f, "the database refused the event: {error}")
+            }
         }
     }
 }
@@ -149,7 +182,11 @@ pub struct DeadLetter {
 }
 
 impl DeadLetter {
-    pub fn from_record(record: &RawRecord, event_id: Option<Uuid>, reason: DeadLetterReason) -> Self {
+    pub fn from_record(
+        record: &RawRecord,
+        event_id: Option<Uuid>,
+        reason: DeadLetterReason,
+    ) -> Self {
         Self {
             kafka_topic: record.topic.clone(),
             kafka_partition: record.partition,
@@ -193,7 +230,8 @@ pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLe
             native(object)
         }
     };
-    let fields = fields.map_err(|(event_id, reason)| DeadLetter::from_record(record, event_id, reason))?;
+    let fields =
+        fields.map_err(|(event_id, reason)| DeadLetter::from_record(record, event_id, reason))?;
     // Cheap screens on the raw text keep the exact checks off the hot path.
     let screens = Screens {
         may_be_too_large: text.len() > options.max_payload_bytes,
@@ -228,10 +266,17 @@ struct Fields {
 }
 
 impl Fields {
-    fn finish(self, record: &RawRecord, options: &ParseOptions, screens: Screens) -> Result<Event, Rejection> {
+    fn finish(
+        self,
+        record: &RawRecord,
+        options: &ParseOptions,
+        screens: Screens,
+    ) -> Result<Event, Rejection> {
         let reject = |reason| (Some(self.event_id), reason);
         if screens.may_be_too_large {
-            let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+            let size = serde_json::to_vec(&self.payload)
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX);
             if size > options.max_payload_bytes {
                 return Err(reject(DeadLetterReason::PayloadTooLarge {
                     size,
@@ -241,10 +286,16 @@ impl Fields {
         }
         // PostgreSQL's text and jsonb cannot hold U+0000.
         if screens.may_contain_nul {
-            let nul = first_nul(&self.payload, "payload")
-                .or_else(|| self.metadata.as_ref().and_then(|m| first_nul(m, "metadata")));
+            let nul = first_nul(&self.payload, "payload").or_else(|| {
+                self.metadata
+                    .as_ref()
+                    .and_then(|m| first_nul(m, "metadata"))
+            });
             if let Some(field) = nul {
-                return Err(reject(invalid(&field, "contains U+0000, which PostgreSQL cannot store")));
+                return Err(reject(invalid(
+                    &field,
+                    "contains U+0000, which PostgreSQL cannot store",
+                )));
             }
         }
         let content_hash = self.content_hash();
@@ -324,7 +375,8 @@ fn native(mut object: Map<String, Value>) -> Result<Fields, Rejection> {
         event_id,
         event_type,
         stream_id,
-        stream_version: stream_version(object.remove("stream_version"), "stream_version").map_err(with_id)?,
+        stream_version: stream_version(object.remove("stream_version"), "stream_version")
+            .map_err(with_id)?,
         occurred_at,
         source: optional_identifier(&mut object, "source").map_err(with_id)?,
         correlation_id: optional_uuid(&mut object, "correlation_id").map_err(with_id)?,
@@ -359,15 +411,27 @@ struct CloudEvent {
     data: Option<Value>,
 }
 
-fn structured_cloudevent(record: &RawRecord, mut object: Map<String, Value>) -> Result<Fields, Rejection> {
+fn structured_cloudevent(
+    record: &RawRecord,
+    mut object: Map<String, Value>,
+) -> Result<Fields, Rejection> {
     if object.contains_key("data_base64") {
         return Err((
             None,
-            invalid("data_base64", "is not supported: the event data must be a JSON object in `data`"),
+            invalid(
+                "data_base64",
+                "is not supported: the event data must be a JSON object in `data`",
+            ),
         ));
     }
     let data = object.remove("data");
-    cloudevent(record, CloudEvent { attributes: object, data })
+    cloudevent(
+        record,
+        CloudEvent {
+            attributes: object,
+            data,
+        },
+    )
 }
 
 fn binary_cloudevent(record: &RawRecord, text: &str) -> Result<Fields, Rejection> {
@@ -378,7 +442,13 @@ fn binary_cloudevent(record: &RawRecord, text: &str) -> Result<Fields, Rejection
         };
         let value = match header.value.as_deref().map(std::str::from_utf8) {
             Some(Ok(v)) if v.contains('\0') => {
-                return Err((None, invalid(&header.key, "header contains U+0000, which PostgreSQL cannot store")))
+                return Err((
+                    None,
+                    invalid(
+                        &header.key,
+                        "header contains U+0000, which PostgreSQL cannot store",
+                    ),
+                ))
             }
             Some(Ok(v)) => Value::String(v.to_string()),
             Some(Err(_)) => return Err((None, invalid(&header.key, "header is not valid UTF-8"))),
@@ -386,19 +456,32 @@ fn binary_cloudevent(record: &RawRecord, text: &str) -> Result<Fields, Rejection
         };
         attributes.insert(name.to_string(), value);
     }
-    if let Some(ct) = record.header("content-type").and_then(|v| std::str::from_utf8(v).ok()) {
+    if let Some(ct) = record
+        .header("content-type")
+        .and_then(|v| std::str::from_utf8(v).ok())
+    {
         attributes.insert("datacontenttype".into(), Value::String(ct.to_string()));
     }
     let data = if text.trim().is_empty() {
         None
     } else {
-        Some(serde_json::from_str(text).map_err(|e| (None, DeadLetterReason::NotJson { error: e.to_string() }))?)
+        Some(serde_json::from_str(text).map_err(|e| {
+            (
+                None,
+                DeadLetterReason::NotJson {
+                    error: e.to_string(),
+                },
+            )
+        })?)
     };
     cloudevent(record, CloudEvent { attributes, data })
 }
 
 fn cloudevent(record: &RawRecord, event: CloudEvent) -> Result<Fields, Rejection> {
-    let CloudEvent { mut attributes, data } = event;
+    let CloudEvent {
+        mut attributes,
+        data,
+    } = event;
     match attributes.remove("specversion") {
         Some(Value::String(v)) if v == "1.0" => {}
         Some(other) => {
@@ -411,8 +494,12 @@ fn cloudevent(record: &RawRecord, event: CloudEvent) -> Result<Fields, Rejection
     }
     let source = required_identifier(&mut attributes, "source").map_err(|r| (None, r))?;
     let raw_id = required_identifier(&mut attributes, "id").map_err(|r| (None, r))?;
-    let event_id = Uuid::parse_str(&raw_id)
-        .unwrap_or_else(|_| Uuid::new_v5(&CLOUDEVENTS_ID_NAMESPACE, format!("{source}\n{raw_id}").as_bytes()));
+    let event_id = Uuid::parse_str(&raw_id).unwrap_or_else(|_| {
+        Uuid::new_v5(
+            &CLOUDEVENTS_ID_NAMESPACE,
+            format!("{source}\n{raw_id}").as_bytes(),
+        )
+    });
     let with_id = |r| (Some(event_id), r);
     let event_type = required_identifier(&mut attributes, "type").map_err(with_id)?;
     let stream_id = match optional_identifier(&mut attributes, "subject").map_err(with_id)? {
@@ -450,7 +537,8 @@ fn cloudevent(record: &RawRecord, event: CloudEvent) -> Result<Fields, Rejection
     let correlation_id = optional_uuid(&mut attributes, "correlationid").map_err(with_id)?;
     let causation_id = optional_uuid(&mut attributes, "causationid").map_err(with_id)?;
     let subject_id = optional_identifier(&mut attributes, "subjectid").map_err(with_id)?;
-    let stream_version = stream_version(attributes.remove("streamversion"), "streamversion").map_err(with_id)?;
+    let stream_version =
+        stream_version(attributes.remove("streamversion"), "streamversion").map_err(with_id)?;
     // Whatever is left (dataschema, datacontenttype, other extensions) is kept.
     attributes.insert("id".into(), Value::String(raw_id));
     attributes.insert("specversion".into(), Value::String("1.0".into()));
@@ -488,11 +576,17 @@ fn json_kind(value: &Value) -> &'static str {
     }
 }
 
-fn required_identifier(object: &mut Map<String, Value>, field: &str) -> Result<String, DeadLetterReason> {
+fn required_identifier(
+    object: &mut Map<String, Value>,
+    field: &str,
+) -> Result<String, DeadLetterReason> {
     optional_identifier(object, field)?.ok_or_else(|| missing(field))
 }
 
-fn optional_identifier(object: &mut Map<String, Value>, field: &str) -> Result<Option<String>, DeadLetterReason> {
+fn optional_identifier(
+    object: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<String>, DeadLetterReason> {
     match object.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => {
@@ -501,7 +595,10 @@ fn optional_identifier(object: &mut Map<String, Value>, field: &str) -> Result<O
             } else if s.len() > MAX_IDENTIFIER_LEN {
                 Err(invalid(
                     field,
-                    &format!("is {} bytes long, over the maximum of {MAX_IDENTIFIER_LEN}", s.len()),
+                    &format!(
+                        "is {} bytes long, over the maximum of {MAX_IDENTIFIER_LEN}",
+                        s.len()
+                    ),
                 ))
             } else if s.chars().any(char::is_control) {
                 Err(invalid(field, "must not contain control characters"))
@@ -509,7 +606,10 @@ fn optional_identifier(object: &mut Map<String, Value>, field: &str) -> Result<O
                 Ok(Some(s))
             }
         }
-        Some(other) => Err(invalid(field, &format!("must be a string, got {}", json_kind(&other)))),
+        Some(other) => Err(invalid(
+            field,
+            &format!("must be a string, got {}", json_kind(&other)),
+        )),
     }
 }
 
@@ -517,13 +617,19 @@ fn required_uuid(object: &mut Map<String, Value>, field: &str) -> Result<Uuid, D
     optional_uuid(object, field)?.ok_or_else(|| missing(field))
 }
 
-fn optional_uuid(object: &mut Map<String, Value>, field: &str) -> Result<Option<Uuid>, DeadLetterReason> {
+fn optional_uuid(
+    object: &mut Map<String, Value>,
+    field: &str,
+) -> Result<Option<Uuid>, DeadLetterReason> {
     match object.remove(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Uuid::parse_str(&s)
             .map(Some)
             .map_err(|_| invalid(field, &format!("must be a UUID, got {:?}", truncate(&s)))),
-        Some(other) => Err(invalid(field, &format!("must be a UUID string, got {}", json_kind(&other)))),
+        Some(other) => Err(invalid(
+            field,
+            &format!("must be a UUID string, got {}", json_kind(&other)),
+        )),
     }
 }
 
@@ -536,9 +642,23 @@ fn timestamp(value: Value, field: &str) -> Result<DateTime<Utc>, DeadLetterReaso
     };
     let parsed = DateTime::parse_from_rfc3339(&s)
         .map(|t| t.with_timezone(&Utc))
-        .map_err(|e| invalid(field, &format!("must be an RFC 3339 timestamp, got {:?} ({e})", truncate(&s))))?;
+        .map_err(|e| {
+            invalid(
+                field,
+                &format!(
+                    "must be an RFC 3339 timestamp, got {:?} ({e})",
+                    truncate(&s)
+                ),
+            )
+        })?;
     if !(1..=9999).contains(&parsed.year()) {
-        return Err(invalid(field, &format!("must be between years 0001 and 9999, got {:?}", truncate(&s))));
+        return Err(invalid(
+            field,
+            &format!(
+                "must be between years 0001 and 9999, got {:?}",
+                truncate(&s)
+            ),
+        ));
     }
     // PostgreSQL keeps microseconds: hash and store the same instant.
     Ok(parsed.trunc_subsecs(6))
@@ -554,7 +674,10 @@ fn stream_version(value: Option<Value>, field: &str) -> Result<Option<i64>, Dead
         // Binary-mode CloudEvents carry every attribute as a string.
         Some(Value::String(s)) if field == "streamversion" => match s.parse::<i64>() {
             Ok(v) if v >= 1 => Ok(Some(v)),
-            _ => Err(invalid(field, &format!("must be an integer >= 1, got {:?}", truncate(&s)))),
+            _ => Err(invalid(
+                field,
+                &format!("must be an integer >= 1, got {:?}", truncate(&s)),
+            )),
         },
         Some(other) => Err(invalid(
             field,

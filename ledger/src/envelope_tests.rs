@@ -33,9 +33,12 @@ fn valid() -> serde_json::Value {
 
 fn reason_of(value: serde_json::Value) -> DeadLetterReason {
     let bytes = value.to_string();
-    parse(&record_with(bytes.as_bytes(), vec![]), &ParseOptions::default())
-        .expect_err("should be rejected")
-        .reason
+    parse(
+        &record_with(bytes.as_bytes(), vec![]),
+        &ParseOptions::default(),
+    )
+    .expect_err("should be rejected")
+    .reason
 }
 
 #[test]
@@ -50,7 +53,10 @@ fn parses_a_native_envelope() {
     assert_eq!(event.stream_version, Some(3));
     assert_eq!(event.occurred_at.to_rfc3339(), "2026-11-27T09:00:00+00:00");
     assert_eq!(event.kafka_offset, 42);
-    assert_eq!(event.headers, json!([{"key": "traceparent", "value": "00-1"}]));
+    assert_eq!(
+        event.headers,
+        json!([{"key": "traceparent", "value": "00-1"}])
+    );
 }
 
 #[test]
@@ -59,9 +65,15 @@ fn same_content_same_hash_whatever_the_key_order() {
     let b = r#"{"payload":{"b":2,"a":1},"occurred_at":"2026-01-01T00:00:00Z","stream_id":"s","event_type":"t","event_id":"7d444840-9dc0-11d1-b245-5ffdce74fad2"}"#;
     let c = r#"{"payload":{"b":3,"a":1},"occurred_at":"2026-01-01T00:00:00Z","stream_id":"s","event_type":"t","event_id":"7d444840-9dc0-11d1-b245-5ffdce74fad2"}"#;
     let opts = ParseOptions::default();
-    let ha = parse(&record_with(a.as_bytes(), vec![]), &opts).unwrap().content_hash;
-    let hb = parse(&record_with(b.as_bytes(), vec![]), &opts).unwrap().content_hash;
-    let hc = parse(&record_with(c.as_bytes(), vec![]), &opts).unwrap().content_hash;
+    let ha = parse(&record_with(a.as_bytes(), vec![]), &opts)
+        .unwrap()
+        .content_hash;
+    let hb = parse(&record_with(b.as_bytes(), vec![]), &opts)
+        .unwrap()
+        .content_hash;
+    let hc = parse(&record_with(c.as_bytes(), vec![]), &opts)
+        .unwrap()
+        .content_hash;
     assert_eq!(ha, hb);
     assert_ne!(ha, hc);
 }
@@ -73,17 +85,29 @@ fn rejects_with_precise_reasons() {
     assert_eq!(r.reason.code(), "empty_value");
     let r = parse(&record_with(&[0xff, 0xfe, b'{'], vec![]), &opts).unwrap_err();
     assert_eq!(r.reason.code(), "invalid_utf8");
-    assert_eq!(r.value.as_deref(), Some(&[0xff, 0xfe, b'{'][..]), "raw bytes are kept");
+    assert_eq!(
+        r.value.as_deref(),
+        Some(&[0xff, 0xfe, b'{'][..]),
+        "raw bytes are kept"
+    );
     let r = parse(&record_with(b"{nope", vec![]), &opts).unwrap_err();
     assert_eq!(r.reason.code(), "not_json");
     assert_eq!(reason_of(json!([1, 2])).code(), "not_an_object");
 
-    for field in ["event_id", "event_type", "stream_id", "occurred_at", "payload"] {
+    for field in [
+        "event_id",
+        "event_type",
+        "stream_id",
+        "occurred_at",
+        "payload",
+    ] {
         let mut v = valid();
         v.as_object_mut().unwrap().remove(field);
         assert_eq!(
             reason_of(v),
-            DeadLetterReason::MissingField { field: field.into() },
+            DeadLetterReason::MissingField {
+                field: field.into()
+            },
             "{field}"
         );
     }
@@ -105,13 +129,20 @@ fn rejects_with_precise_reasons() {
         let mut v = valid();
         v[field] = value.clone();
         match reason_of(v) {
-            DeadLetterReason::InvalidField { field: f, problem } => assert_eq!(f, field, "{problem}"),
+            DeadLetterReason::InvalidField { field: f, problem } => {
+                assert_eq!(f, field, "{problem}")
+            }
             other => panic!("{field}={value}: {other:?}"),
         }
     }
     let mut v = valid();
     v["colour"] = json!("blue");
-    assert_eq!(reason_of(v), DeadLetterReason::UnknownField { field: "colour".into() });
+    assert_eq!(
+        reason_of(v),
+        DeadLetterReason::UnknownField {
+            field: "colour".into()
+        }
+    );
 
     let mut v = valid();
     v["payload"] = json!({"note": "nul \u{0000} here"});
@@ -123,9 +154,21 @@ fn enforces_the_payload_limit() {
     let mut v = valid();
     v["payload"] = json!({"blob": "x".repeat(2000)});
     let record = record_with(v.to_string().as_bytes(), vec![]);
-    let r = parse(&record, &ParseOptions { max_payload_bytes: 1000 }).unwrap_err();
-    assert!(matches!(r.reason, DeadLetterReason::PayloadTooLarge { max: 1000, .. }));
-    assert!(r.reason.to_string().contains("over the configured maximum of 1000"));
+    let r = parse(
+        &record,
+        &ParseOptions {
+            max_payload_bytes: 1000,
+        },
+    )
+    .unwrap_err();
+    assert!(matches!(
+        r.reason,
+        DeadLetterReason::PayloadTooLarge { max: 1000, .. }
+    ));
+    assert!(r
+        .reason
+        .to_string()
+        .contains("over the configured maximum of 1000"));
 }
 
 #[test]
@@ -144,7 +187,10 @@ fn accepts_structured_cloudevents() {
     });
     let record = record_with(
         ce.to_string().as_bytes(),
-        vec![("content-type", "application/cloudevents+json; charset=utf-8")],
+        vec![(
+            "content-type",
+            "application/cloudevents+json; charset=utf-8",
+        )],
     );
     let event = parse(&record, &ParseOptions::default()).expect("valid cloudevent");
     assert_eq!(event.event_type, "order.paid");
@@ -175,14 +221,27 @@ fn accepts_binary_cloudevents() {
         ],
     );
     let event = parse(&record, &ParseOptions::default()).expect("valid cloudevent");
-    assert_eq!(event.event_id.to_string(), "7d444840-9dc0-11d1-b245-5ffdce74fad9");
+    assert_eq!(
+        event.event_id.to_string(),
+        "7d444840-9dc0-11d1-b245-5ffdce74fad9"
+    );
     assert_eq!(event.stream_id, "order-1", "falls back to the record key");
     assert!(event.causation_id.is_some());
 
     let missing_type = record_with(
         br#"{"a": 1}"#,
-        vec![("ce_specversion", "1.0"), ("ce_id", "1"), ("ce_source", "/x"), ("ce_time", "2026-11-27T10:00:00Z")],
+        vec![
+            ("ce_specversion", "1.0"),
+            ("ce_id", "1"),
+            ("ce_source", "/x"),
+            ("ce_time", "2026-11-27T10:00:00Z"),
+        ],
     );
     let r = parse(&missing_type, &ParseOptions::default()).unwrap_err();
-    assert_eq!(r.reason, DeadLetterReason::MissingField { field: "type".into() });
+    assert_eq!(
+        r.reason,
+        DeadLetterReason::MissingField {
+            field: "type".into()
+        }
+    );
 }

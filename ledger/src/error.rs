@@ -29,9 +29,12 @@ impl From<sqlx::Error> for StoreError {
     fn from(error: sqlx::Error) -> Self {
         use sqlx::Error as E;
         match &error {
-            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::Tls(_) | E::WorkerCrashed | E::Protocol(_) => {
-                Self::Unavailable(error.to_string())
-            }
+            E::Io(_)
+            | E::PoolTimedOut
+            | E::PoolClosed
+            | E::Tls(_)
+            | E::WorkerCrashed
+            | E::Protocol(_) => Self::Unavailable(error.to_string()),
             E::Database(db) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
                 let message = format!("{} (SQLSTATE {code})", db.message());
@@ -44,7 +47,11 @@ impl From<sqlx::Error> for StoreError {
                     c if c.starts_with("22") || c == "23514" => Self::Data(message),
                     // connection exceptions, operator intervention (shutdown, restart),
                     // insufficient resources, crash recovery
-                    c if c.starts_with("08") || c.starts_with("57") || c.starts_with("53") || c.starts_with("58") => {
+                    c if c.starts_with("08")
+                        || c.starts_with("57")
+                        || c.starts_with("53")
+                        || c.starts_with("58") =>
+                    {
                         Self::Unavailable(message)
                     }
                     _ => Self::Fatal(message),

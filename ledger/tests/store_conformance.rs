@@ -14,7 +14,9 @@ async fn memory_store_conforms() {
 #[tokio::test]
 async fn postgres_store_conforms() {
     let db = TestDatabase::create().await.expect("test database");
-    let store = PgEventStore::connect(&PgConfig::new(&db.url)).await.expect("connect");
+    let store = PgEventStore::connect(&PgConfig::new(&db.url))
+        .await
+        .expect("connect");
     conformance::run_all(&store).await;
     store.pool().close().await;
     db.drop_database().await;
@@ -31,10 +33,15 @@ async fn events_are_append_only() {
     })
     .await
     .expect("connect as owner");
-    let writer = PgEventStore::connect(&PgConfig::new(&db.url)).await.expect("connect as writer");
+    let writer = PgEventStore::connect(&PgConfig::new(&db.url))
+        .await
+        .expect("connect as writer");
     conformance::run_all(&writer).await;
 
-    let role: String = sqlx::query_scalar("SELECT current_user").fetch_one(writer.pool()).await.unwrap();
+    let role: String = sqlx::query_scalar("SELECT current_user")
+        .fetch_one(writer.pool())
+        .await
+        .unwrap();
     assert_eq!(role, WRITER_ROLE);
 
     for store in [&owner, &writer] {
@@ -56,7 +63,10 @@ async fn events_are_append_only() {
         }
     }
     // Even an empty DELETE is refused (statement-level trigger).
-    let error = sqlx::query("DELETE FROM events WHERE false").execute(owner.pool()).await.unwrap_err();
+    let error = sqlx::query("DELETE FROM events WHERE false")
+        .execute(owner.pool())
+        .await
+        .unwrap_err();
     assert!(error.to_string().contains("append-only"), "{error}");
 
     // The writer may create partitions only through the definer function.
@@ -64,8 +74,15 @@ async fn events_are_append_only() {
         .execute(writer.pool())
         .await
         .unwrap_err();
-    assert!(error.to_string().contains("permission denied") || error.to_string().contains("must be owner"), "{error}");
-    writer.ensure_partitions(2).await.expect("writer may run partition maintenance");
+    assert!(
+        error.to_string().contains("permission denied")
+            || error.to_string().contains("must be owner"),
+        "{error}"
+    );
+    writer
+        .ensure_partitions(2)
+        .await
+        .expect("writer may run partition maintenance");
 
     owner.pool().close().await;
     writer.pool().close().await;
@@ -95,13 +112,20 @@ fn batch_of(values: &[String]) -> audit_ledger::PreparedBatch {
 async fn a_row_the_database_refuses_becomes_a_dead_letter() {
     use audit_ledger::{EventStore, WriteBatch, WriteOutcome};
     let db = TestDatabase::create().await.expect("test database");
-    let owner = PgEventStore::connect(&PgConfig { role: None, ..PgConfig::new(&db.url) }).await.unwrap();
+    let owner = PgEventStore::connect(&PgConfig {
+        role: None,
+        ..PgConfig::new(&db.url)
+    })
+    .await
+    .unwrap();
     // Plant a rule the validation does not know about.
     sqlx::query("ALTER TABLE events ADD CONSTRAINT planted CHECK (stream_id <> 'poison')")
         .execute(owner.pool())
         .await
         .unwrap();
-    let store = PgEventStore::connect(&PgConfig::new(&db.url)).await.unwrap();
+    let store = PgEventStore::connect(&PgConfig::new(&db.url))
+        .await
+        .unwrap();
     let values = vec![
         conformance::envelope("00000000-0000-4000-8000-000000000001", "order-1", 1).to_string(),
         conformance::envelope("00000000-0000-4000-8000-000000000002", "poison", 2).to_string(),
@@ -109,12 +133,21 @@ async fn a_row_the_database_refuses_becomes_a_dead_letter() {
     ];
     let batch = batch_of(&values);
     let outcome = store
-        .write_batch(WriteBatch { key: &key("g"), expected: None, batch: &batch, writer: "t" })
+        .write_batch(WriteBatch {
+            key: &key("g"),
+            expected: None,
+            batch: &batch,
+            writer: "t",
+        })
         .await
         .expect("the batch is written, not failed");
     assert_eq!(
         outcome,
-        WriteOutcome::Committed(audit_ledger::BatchStats { events: 2, dead_letters: 1, duplicates: 0 })
+        WriteOutcome::Committed(audit_ledger::BatchStats {
+            events: 2,
+            dead_letters: 1,
+            duplicates: 0
+        })
     );
     let (code, reason, raw): (String, String, Vec<u8>) =
         sqlx::query_as("SELECT reason_code, reason, raw_value FROM dead_letters")
@@ -135,22 +168,51 @@ async fn a_row_the_database_refuses_becomes_a_dead_letter() {
 async fn a_second_group_rereading_the_topic_converges() {
     use audit_ledger::{EventStore, WriteBatch, WriteOutcome};
     let db = TestDatabase::create().await.expect("test database");
-    let store = PgEventStore::connect(&PgConfig::new(&db.url)).await.unwrap();
+    let store = PgEventStore::connect(&PgConfig::new(&db.url))
+        .await
+        .unwrap();
     let a = conformance::envelope("00000000-0000-4000-8000-00000000000a", "order-1", 1).to_string();
     let values = vec![a.clone(), "{bad".to_string(), a];
     let batch = batch_of(&values);
     let first = store
-        .write_batch(WriteBatch { key: &key("g1"), expected: None, batch: &batch, writer: "t" })
+        .write_batch(WriteBatch {
+            key: &key("g1"),
+            expected: None,
+            batch: &batch,
+            writer: "t",
+        })
         .await
         .unwrap();
-    assert_eq!(first, WriteOutcome::Committed(audit_ledger::BatchStats { events: 1, dead_letters: 1, duplicates: 1 }));
+    assert_eq!(
+        first,
+        WriteOutcome::Committed(audit_ledger::BatchStats {
+            events: 1,
+            dead_letters: 1,
+            duplicates: 1
+        })
+    );
     let second = store
-        .write_batch(WriteBatch { key: &key("g2"), expected: None, batch: &batch, writer: "t" })
+        .write_batch(WriteBatch {
+            key: &key("g2"),
+            expected: None,
+            batch: &batch,
+            writer: "t",
+        })
         .await
         .expect("no unique-key failure");
-    assert_eq!(second, WriteOutcome::Committed(audit_ledger::BatchStats { events: 0, dead_letters: 0, duplicates: 0 }));
+    assert_eq!(
+        second,
+        WriteOutcome::Committed(audit_ledger::BatchStats {
+            events: 0,
+            dead_letters: 0,
+            duplicates: 0
+        })
+    );
     let counts = conformance::Inspect::counts(&store).await.unwrap();
-    assert_eq!((counts.events, counts.dead_letters, counts.duplicates), (1, 1, 1));
+    assert_eq!(
+        (counts.events, counts.dead_letters, counts.duplicates),
+        (1, 1, 1)
+    );
     store.pool().close().await;
     db.drop_database().await;
 }

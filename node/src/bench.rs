@@ -78,28 +78,53 @@ struct Report {
 
 async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     anyhow::ensure!(args.events > 0, "--events must be at least 1");
-    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2);
     let copy_streams = args.copy_streams.unwrap_or(cores).max(1);
     // ~900 bytes a record on the wire; keep each partition under 3 MiB.
     let partitions = args
         .partitions
         .unwrap_or_else(|| ((args.events * 900).div_ceil(3 * 1024 * 1024) as i32).max(16));
     let suffix: u32 = rand::thread_rng().gen();
-    let ingest_db = database_url(&args.database_url, &format!("audit_bench_{suffix:08x}_ingest"));
-    let copy_db = database_url(&args.database_url, &format!("audit_bench_{suffix:08x}_copy"));
+    let ingest_db = database_url(
+        &args.database_url,
+        &format!("audit_bench_{suffix:08x}_ingest"),
+    );
+    let copy_db = database_url(
+        &args.database_url,
+        &format!("audit_bench_{suffix:08x}_copy"),
+    );
     for url in [&ingest_db, &copy_db] {
         postgres::create_database_if_missing(url).await?;
         postgres::migrate(url).await?;
     }
 
     let topic = "bench";
-    let cluster = mock::start(1, &[mock::TopicSpec { name: topic.into(), partitions }])?;
+    let cluster = mock::start(
+        1,
+        &[mock::TopicSpec {
+            name: topic.into(),
+            partitions,
+        }],
+    )?;
     let bootstrap = cluster.bootstrap().to_string();
 
-    eprintln!("bench: producing {} events to {partitions} partitions", args.events);
+    eprintln!(
+        "bench: producing {} events to {partitions} partitions",
+        args.events
+    );
     let producer = produce::create_producer(&bootstrap)?;
     let mut generator = traffic::TrafficGenerator::new(args.seed, 0.0, 0.0);
-    produce::produce_stream(&producer, topic, &mut generator, Some(args.events), None, std::future::pending()).await?;
+    produce::produce_stream(
+        &producer,
+        topic,
+        &mut generator,
+        Some(args.events),
+        None,
+        std::future::pending(),
+    )
+    .await?;
     produce::flush(&producer, Duration::from_secs(60)).await?;
     drop(producer);
 
@@ -108,7 +133,10 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let encoding = Instant::now();
     let chunks = Arc::new(copy_chunks(args.seed, args.events, args.copy_batch)?);
     let client_seconds = encoding.elapsed().as_secs_f64();
-    eprintln!("bench: generate + parse + encode on one core: {:.1} µs per event", client_seconds * 1e6 / args.events as f64);
+    eprintln!(
+        "bench: generate + parse + encode on one core: {:.1} µs per event",
+        client_seconds * 1e6 / args.events as f64
+    );
 
     eprintln!("bench: ingesting through a node");
     let settings = NodeSettings::resolve(
@@ -124,7 +152,14 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         FileConfig::default(),
     )?;
     let started = Instant::now();
-    let running = node::start(NodeSettings { migrate: false, ..settings }, None).await?;
+    let running = node::start(
+        NodeSettings {
+            migrate: false,
+            ..settings
+        },
+        None,
+    )
+    .await?;
     let pool = running.store.pool().clone();
     loop {
         let stored: i64 = sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE group_id = 'bench'")
@@ -136,8 +171,14 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ingest_seconds = started.elapsed().as_secs_f64();
-    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events").fetch_one(&pool).await?;
-    anyhow::ensure!(events as u64 == args.events, "ingested {events} events, expected {}", args.events);
+    let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+        .fetch_one(&pool)
+        .await?;
+    anyhow::ensure!(
+        events as u64 == args.events,
+        "ingested {events} events, expected {}",
+        args.events
+    );
     running.stop().await;
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
 
@@ -174,9 +215,13 @@ fn database_url(server: &Option<String>, name: &str) -> String {
     match server {
         None => local_database_url(name),
         Some(url) => {
-            let (base, query) = url.split_once('?').map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
+            let (base, query) = url
+                .split_once('?')
+                .map_or((url.as_str(), None), |(b, q)| (b, Some(q)));
             let scheme_end = base.find("://").map_or(0, |i| i + 3);
-            let base = base[scheme_end..].find('/').map_or(base, |i| &base[..scheme_end + i]);
+            let base = base[scheme_end..]
+                .find('/')
+                .map_or(base, |i| &base[..scheme_end + i]);
             query.map_or(format!("{base}/{name}"), |q| format!("{base}/{name}?{q}"))
         }
     }
@@ -201,11 +246,15 @@ fn copy_chunks(seed: u64, events: u64, batch: usize) -> anyhow::Result<Vec<Strin
             headers: record
                 .headers
                 .into_iter()
-                .map(|(key, value)| audit_ledger::Header { key, value: Some(value) })
+                .map(|(key, value)| audit_ledger::Header {
+                    key,
+                    value: Some(value),
+                })
                 .collect(),
             timestamp_ms: None,
         };
-        let event = parse(&raw, &options).map_err(|d| anyhow::anyhow!("generated event rejected: {}", d.reason))?;
+        let event = parse(&raw, &options)
+            .map_err(|d| anyhow::anyhow!("generated event rejected: {}", d.reason))?;
         encode_copy_row(&mut chunk, &event);
         in_chunk += 1;
         if in_chunk == batch {
@@ -225,7 +274,12 @@ async fn copy_ceiling(url: &str, chunks: Arc<Vec<String>>, streams: usize) -> an
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut connections = Vec::new();
     for _ in 0..streams {
-        connections.push(postgres::connect_options(url)?.connect().await.context("ceiling connection")?);
+        connections.push(
+            postgres::connect_options(url)?
+                .connect()
+                .await
+                .context("ceiling connection")?,
+        );
     }
     let started = Instant::now();
     let mut tasks = Vec::new();
@@ -261,10 +315,16 @@ async fn copy_ceiling(url: &str, chunks: Arc<Vec<String>>, streams: usize) -> an
 }
 
 async fn drop_database(url: &str) {
-    let Ok(options) = postgres::connect_options(url) else { return };
-    let Some(name) = options.get_database().map(str::to_string) else { return };
+    let Ok(options) = postgres::connect_options(url) else {
+        return;
+    };
+    let Some(name) = options.get_database().map(str::to_string) else {
+        return;
+    };
     if let Ok(mut admin) = options.database("postgres").connect().await {
-        let _ = admin.execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str()).await;
+        let _ = admin
+            .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
+            .await;
         let _ = admin.close().await;
     }
 }

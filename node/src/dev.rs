@@ -37,8 +37,12 @@ pub struct DevArgs {
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     produce::validate_rate(Some(args.demo_rate))?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("cannot create the state directory {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir).with_context(|| {
+        format!(
+            "cannot create the state directory {}",
+            args.state_dir.display()
+        )
+    })?;
     let metrics = crate::install_metrics()?;
 
     let cluster = mock::start(
@@ -52,7 +56,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     let bootstrap_file = args.state_dir.join("bootstrap.txt");
     mock::write_atomically(&bootstrap_file, &bootstrap)?;
 
-    let database_url = args.database_url.clone().unwrap_or_else(|| local_database_url(DEV_DATABASE));
+    let database_url = args
+        .database_url
+        .clone()
+        .unwrap_or_else(|| local_database_url(DEV_DATABASE));
     if postgres::create_database_if_missing(&database_url).await? {
         tracing::info!(database = %postgres::redact_url(&database_url), "database created");
     }
@@ -80,21 +87,42 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         tokio::spawn(async move {
             let producer = produce::create_producer(&bootstrap)?;
             let seed = chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default() as u64;
-            let mut generator = traffic::TrafficGenerator::new(seed, 0.01, 0.005).with_base_time(chrono::Utc::now());
-            produce::produce_stream(&producer, DEV_TOPIC, &mut generator, None, Some(rate), wait_for(stop)).await?;
+            let mut generator = traffic::TrafficGenerator::new(seed, 0.01, 0.005)
+                .with_base_time(chrono::Utc::now());
+            produce::produce_stream(
+                &producer,
+                DEV_TOPIC,
+                &mut generator,
+                None,
+                Some(rate),
+                wait_for(stop),
+            )
+            .await?;
             produce::flush(&producer, std::time::Duration::from_secs(10)).await?;
             anyhow::Ok(())
         })
     });
 
-    let api = node.api_addr.borrow().map(|a| a.to_string()).unwrap_or_else(|| args.api_addr.to_string());
+    let api = node
+        .api_addr
+        .borrow()
+        .map(|a| a.to_string())
+        .unwrap_or_else(|| args.api_addr.to_string());
     println!("order-audit-trail dev is running");
-    println!("  kafka (mock):  {bootstrap}  (also in {})", bootstrap_file.display());
-    println!("  topic:         {DEV_TOPIC} ({DEV_PARTITIONS} partitions), consumer group {DEV_GROUP}");
+    println!(
+        "  kafka (mock):  {bootstrap}  (also in {})",
+        bootstrap_file.display()
+    );
+    println!(
+        "  topic:         {DEV_TOPIC} ({DEV_PARTITIONS} partitions), consumer group {DEV_GROUP}"
+    );
     println!("  database:      {}", postgres::redact_url(&database_url));
     println!("  api:           http://{api}/healthz  /readyz  /metrics  /openapi.json");
     if args.demo_rate > 0.0 {
-        println!("  demo traffic:  {} events/s (1% malformed, 0.5% duplicates)", args.demo_rate);
+        println!(
+            "  demo traffic:  {} events/s (1% malformed, 0.5% duplicates)",
+            args.demo_rate
+        );
     }
     println!("  produce more:  cargo run --release -p audit-node -- produce --brokers $(cat {}) --topic {DEV_TOPIC} --count 1000", bootstrap_file.display());
     println!("  look:          psql \"{}\" -c 'SELECT seq, event_type, stream_id, occurred_at FROM events ORDER BY seq DESC LIMIT 10'", postgres::redact_url(&database_url));

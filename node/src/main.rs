@@ -22,7 +22,11 @@ use tracing_subscriber::EnvFilter;
 use crate::settings::{FileConfig, Identity, NodeSettings, Tuning};
 
 #[derive(Parser, Debug)]
-#[command(name = "audit-node", version, about = "Immutable, verifiable audit trail of business events from Kafka")]
+#[command(
+    name = "audit-node",
+    version,
+    about = "Immutable, verifiable audit trail of business events from Kafka"
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "AUDIT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
@@ -103,7 +107,10 @@ struct KafkaMockArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -128,10 +135,14 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Run(args) => run(args).await,
         Command::Migrate(args) => {
             if args.create_database {
-                audit_ledger::store::postgres::create_database_if_missing(&args.database_url).await?;
+                audit_ledger::store::postgres::create_database_if_missing(&args.database_url)
+                    .await?;
             }
             audit_ledger::store::postgres::migrate(&args.database_url).await?;
-            println!("migrations applied to {}", audit_ledger::store::postgres::redact_url(&args.database_url));
+            println!(
+                "migrations applied to {}",
+                audit_ledger::store::postgres::redact_url(&args.database_url)
+            );
             Ok(())
         }
         Command::KafkaMock(args) => kafka_mock(args).await,
@@ -153,7 +164,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             topics: args.topics.clone(),
             group_id: &args.group_id,
             database_url: &args.database_url,
-            node_id: args.node_id.clone().unwrap_or_else(settings::default_node_id),
+            node_id: args
+                .node_id
+                .clone()
+                .unwrap_or_else(settings::default_node_id),
             default_group_protocol: "classic",
         },
         &args.tuning,
@@ -204,8 +218,11 @@ pub fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::Promethe
 }
 
 fn init_tracing(format: &str) {
-    let filter = EnvFilter::try_from_env("AUDIT_LOG").unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,sqlx=warn"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = EnvFilter::try_from_env("AUDIT_LOG")
+        .unwrap_or_else(|_| EnvFilter::new("info,librdkafka=warn,sqlx=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         builder.json().init();
     } else {

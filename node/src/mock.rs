@@ -37,8 +37,14 @@ impl std::str::FromStr for TopicSpec {
             ),
             None => (s, 1),
         };
-        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || "._-".contains(c)) {
-            return Err(format!("invalid topic name {name:?}: use letters, digits, '.', '_' and '-'"));
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c))
+        {
+            return Err(format!(
+                "invalid topic name {name:?}: use letters, digits, '.', '_' and '-'"
+            ));
         }
         Ok(Self {
             name: name.to_string(),
@@ -55,14 +61,20 @@ struct MockCluster {
 
 impl MockCluster {
     fn new(brokers: i32) -> anyhow::Result<Self> {
-        let client: BaseProducer = ClientConfig::new().create().context("creating the mock cluster's client")?;
+        let client: BaseProducer = ClientConfig::new()
+            .create()
+            .context("creating the mock cluster's client")?;
         // SAFETY: the handle is valid while `client` lives, and the cluster is
         // destroyed (Drop) before the client is.
-        let cluster = unsafe { rd::rd_kafka_mock_cluster_new(client.client().native_ptr(), brokers) };
+        let cluster =
+            unsafe { rd::rd_kafka_mock_cluster_new(client.client().native_ptr(), brokers) };
         if cluster.is_null() {
             bail!("librdkafka could not create a mock cluster with {brokers} brokers");
         }
-        let mock = Self { cluster, _client: client };
+        let mock = Self {
+            cluster,
+            _client: client,
+        };
         // SAFETY: cluster is a valid handle.
         unsafe {
             rd::rd_kafka_mock_group_initial_rebalance_delay_ms(mock.cluster, 0);
@@ -82,9 +94,14 @@ impl MockCluster {
     fn create_topic(&self, topic: &TopicSpec) -> anyhow::Result<()> {
         let name = CString::new(topic.name.as_str())?;
         // SAFETY: valid cluster and NUL-terminated name.
-        let err = unsafe { rd::rd_kafka_mock_topic_create(self.cluster, name.as_ptr(), topic.partitions, 1) };
+        let err = unsafe {
+            rd::rd_kafka_mock_topic_create(self.cluster, name.as_ptr(), topic.partitions, 1)
+        };
         if err != rd::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            bail!("creating topic {} on the mock cluster failed: {err:?}", topic.name);
+            bail!(
+                "creating topic {} on the mock cluster failed: {err:?}",
+                topic.name
+            );
         }
         Ok(())
     }
@@ -165,7 +182,8 @@ pub fn start(brokers: i32, topics: &[TopicSpec]) -> anyhow::Result<MockGuard> {
 pub fn write_atomically(path: &std::path::Path, content: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
     std::fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
 }
 
@@ -175,8 +193,20 @@ mod tests {
 
     #[test]
     fn parses_topic_specs() {
-        assert_eq!("orders:16".parse(), Ok(TopicSpec { name: "orders".into(), partitions: 16 }));
-        assert_eq!("orders".parse(), Ok(TopicSpec { name: "orders".into(), partitions: 1 }));
+        assert_eq!(
+            "orders:16".parse(),
+            Ok(TopicSpec {
+                name: "orders".into(),
+                partitions: 16
+            })
+        );
+        assert_eq!(
+            "orders".parse(),
+            Ok(TopicSpec {
+                name: "orders".into(),
+                partitions: 1
+            })
+        );
         assert!("orders:0".parse::<TopicSpec>().is_err());
         assert!("orders:x".parse::<TopicSpec>().is_err());
         assert!("bad topic:3".parse::<TopicSpec>().is_err());

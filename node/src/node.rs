@@ -28,7 +28,10 @@ pub struct RunningNode {
     pub api_addr: watch::Receiver<Option<SocketAddr>>,
 }
 
-pub async fn start(settings: NodeSettings, metrics: Option<PrometheusHandle>) -> anyhow::Result<RunningNode> {
+pub async fn start(
+    settings: NodeSettings,
+    metrics: Option<PrometheusHandle>,
+) -> anyhow::Result<RunningNode> {
     let url = &settings.database.url;
     if settings.migrate {
         postgres::migrate(url).await?;
@@ -96,7 +99,10 @@ pub async fn start(settings: NodeSettings, metrics: Option<PrometheusHandle>) ->
     })
 }
 
-fn readiness_check(store: PgEventStore, tree: Arc<OnceLock<ActorRef<SupervisorMsg>>>) -> audit_api::ReadinessCheck {
+fn readiness_check(
+    store: PgEventStore,
+    tree: Arc<OnceLock<ActorRef<SupervisorMsg>>>,
+) -> audit_api::ReadinessCheck {
     Arc::new(move || {
         let store = store.clone();
         let tree = tree.clone();
@@ -113,7 +119,10 @@ fn readiness_check(store: PgEventStore, tree: Arc<OnceLock<ActorRef<SupervisorMs
 
 impl RunningNode {
     /// Runs until `shutdown` resolves (graceful) or the tree gives up (error).
-    pub async fn run_until(mut self, shutdown: impl std::future::Future<Output = ()>) -> anyhow::Result<()> {
+    pub async fn run_until(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> anyhow::Result<()> {
         let outcome = tokio::select! {
             _ = shutdown => Ok(()),
             reason = self.fatal.recv() => Err(anyhow::anyhow!(reason.unwrap_or_else(|| "supervisor stopped".into()))),
@@ -127,7 +136,10 @@ impl RunningNode {
     pub async fn stop(self) {
         self.maintenance.abort();
         self.supervisor.stop(Some("shutdown".into()));
-        if tokio::time::timeout(Duration::from_secs(90), self.join).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(90), self.join)
+            .await
+            .is_err()
+        {
             tracing::warn!("supervision tree did not stop within 90s");
         }
         self.store.pool().close().await;

@@ -102,7 +102,8 @@ impl FileConfig {
         let Some(path) = path else {
             return Ok(Self::default());
         };
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read config file {}", path.display()))?;
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read config file {}", path.display()))?;
         toml::from_str(&text).with_context(|| format!("invalid config file {}", path.display()))
     }
 }
@@ -128,7 +129,11 @@ pub struct Identity<'a> {
 }
 
 impl NodeSettings {
-    pub fn resolve(identity: Identity<'_>, tuning: &Tuning, file: FileConfig) -> anyhow::Result<Self> {
+    pub fn resolve(
+        identity: Identity<'_>,
+        tuning: &Tuning,
+        file: FileConfig,
+    ) -> anyhow::Result<Self> {
         let mut kafka = KafkaSettings::new(identity.brokers, identity.topics, identity.group_id);
         kafka.client_id = identity.node_id.clone();
         kafka.group_protocol = tuning
@@ -137,7 +142,10 @@ impl NodeSettings {
             .or(file.kafka.group_protocol)
             .unwrap_or_else(|| identity.default_group_protocol.to_string());
         if !["classic", "consumer"].contains(&kafka.group_protocol.as_str()) {
-            anyhow::bail!("kafka.group_protocol must be \"classic\" or \"consumer\", got {:?}", kafka.group_protocol);
+            anyhow::bail!(
+                "kafka.group_protocol must be \"classic\" or \"consumer\", got {:?}",
+                kafka.group_protocol
+            );
         }
         if let Some(ms) = tuning.session_timeout_ms.or(file.kafka.session_timeout_ms) {
             kafka.session_timeout = Duration::from_millis(ms);
@@ -151,7 +159,11 @@ impl NodeSettings {
         if let Some(n) = tuning.db_max_connections.or(file.database.max_connections) {
             database.max_connections = n.max(1);
         }
-        let role = tuning.db_role.clone().or(file.database.role).unwrap_or_else(|| WRITER_ROLE.to_string());
+        let role = tuning
+            .db_role
+            .clone()
+            .or(file.database.role)
+            .unwrap_or_else(|| WRITER_ROLE.to_string());
         database.role = (!role.is_empty()).then_some(role);
 
         let defaults = PipelineConfig::default();
@@ -179,8 +191,15 @@ impl NodeSettings {
                     .unwrap_or(ParseOptions::default().max_payload_bytes),
             },
             restart: RestartPolicy {
-                max_restarts: file.restart.max_restarts.unwrap_or(restart_defaults.max_restarts),
-                window: file.restart.window_secs.map(Duration::from_secs).unwrap_or(restart_defaults.window),
+                max_restarts: file
+                    .restart
+                    .max_restarts
+                    .unwrap_or(restart_defaults.max_restarts),
+                window: file
+                    .restart
+                    .window_secs
+                    .map(Duration::from_secs)
+                    .unwrap_or(restart_defaults.window),
                 base_backoff: file
                     .restart
                     .base_backoff_ms
@@ -214,4 +233,3 @@ pub fn default_node_id() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| format!("node-{}", std::process::id()))
 }
-

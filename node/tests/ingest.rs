@@ -20,7 +20,11 @@ async fn stores_100k_records_exactly_once() {
     let db = TestDatabase::create().await.expect("test database");
     let pool = admin_pool(&db).await;
 
-    let _node = Proc::spawn("node-1", &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"), &dir);
+    let _node = Proc::spawn(
+        "node-1",
+        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
+        &dir,
+    );
     let produced = produce(&kafka.bootstrap, &topic, 100_000, 0.02, 0.01, 7).await;
     wait_until("all records stored", Duration::from_secs(240), || {
         let pool = pool.clone();
@@ -28,7 +32,9 @@ async fn stores_100k_records_exactly_once() {
         async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
     })
     .await;
-    check_exactly_once(&pool, produced).await.expect("exactly once");
+    check_exactly_once(&pool, produced)
+        .await
+        .expect("exactly once");
     pool.close().await;
     db.drop_database().await;
 }
@@ -44,7 +50,11 @@ async fn malformed_records_become_dead_letters_with_reasons() {
     let db = TestDatabase::create().await.expect("test database");
     let pool = admin_pool(&db).await;
 
-    let _node = Proc::spawn("node-1", &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"), &dir);
+    let _node = Proc::spawn(
+        "node-1",
+        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
+        &dir,
+    );
     let produced = produce(&kafka.bootstrap, &topic, 3_000, 0.3, 0.05, 11).await;
     wait_until("all records stored", Duration::from_secs(120), || {
         let pool = pool.clone();
@@ -52,7 +62,9 @@ async fn malformed_records_become_dead_letters_with_reasons() {
         async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
     })
     .await;
-    check_exactly_once(&pool, produced).await.expect("exactly once");
+    check_exactly_once(&pool, produced)
+        .await
+        .expect("exactly once");
 
     let reasons: Vec<(String, i64)> =
         sqlx::query_as("SELECT reason_code, count(*) FROM dead_letters GROUP BY 1 ORDER BY 1")
@@ -68,7 +80,10 @@ async fn malformed_records_become_dead_letters_with_reasons() {
         "not_json",
         "unknown_field",
     ] {
-        assert!(codes.contains(&expected), "no dead letter with reason {expected}: {reasons:?}");
+        assert!(
+            codes.contains(&expected),
+            "no dead letter with reason {expected}: {reasons:?}"
+        );
     }
     let (no_raw, no_reason): (i64, i64) = sqlx::query_as(
         "SELECT count(*) FILTER (WHERE raw_value IS NULL), count(*) FILTER (WHERE length(reason) < 10) FROM dead_letters",
@@ -76,13 +91,21 @@ async fn malformed_records_become_dead_letters_with_reasons() {
     .fetch_one(&pool)
     .await
     .unwrap();
-    assert_eq!((no_raw, no_reason), (0, 0), "every dead letter keeps its bytes and a clear reason");
-    let conflict: String =
-        sqlx::query_scalar("SELECT reason FROM dead_letters WHERE reason_code = 'event_id_conflict' LIMIT 1")
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-    assert!(conflict.contains("already stored") && conflict.contains("different content"), "{conflict}");
+    assert_eq!(
+        (no_raw, no_reason),
+        (0, 0),
+        "every dead letter keeps its bytes and a clear reason"
+    );
+    let conflict: String = sqlx::query_scalar(
+        "SELECT reason FROM dead_letters WHERE reason_code = 'event_id_conflict' LIMIT 1",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
+    assert!(
+        conflict.contains("already stored") && conflict.contains("different content"),
+        "{conflict}"
+    );
     pool.close().await;
     db.drop_database().await;
 }
@@ -124,7 +147,9 @@ async fn survives_kill_9_mid_stream() {
         async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
     })
     .await;
-    check_exactly_once(&pool, produced).await.expect("exactly once after kill -9");
+    check_exactly_once(&pool, produced)
+        .await
+        .expect("exactly once after kill -9");
     pool.close().await;
     db.drop_database().await;
 }
@@ -140,8 +165,16 @@ async fn second_node_takes_over_a_killed_nodes_partitions() {
     let db = TestDatabase::create().await.expect("test database");
     let pool = admin_pool(&db).await;
 
-    let mut node1 = Proc::spawn("node-1", &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"), &dir);
-    let _node2 = Proc::spawn("node-2", &run_args(&kafka.bootstrap, &topic, &group, &db, "node-2"), &dir);
+    let mut node1 = Proc::spawn(
+        "node-1",
+        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
+        &dir,
+    );
+    let _node2 = Proc::spawn(
+        "node-2",
+        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-2"),
+        &dir,
+    );
     let producer = tokio::spawn({
         let bootstrap = kafka.bootstrap.clone();
         let topic = topic.clone();
@@ -151,10 +184,12 @@ async fn second_node_takes_over_a_killed_nodes_partitions() {
     wait_until("both nodes writing", Duration::from_secs(120), || {
         let pool = pool.clone();
         async move {
-            let writers: i64 = sqlx::query_scalar("SELECT count(DISTINCT updated_by) FROM consumer_offsets WHERE next_offset > 0")
-                .fetch_one(&pool)
-                .await
-                .unwrap_or(0);
+            let writers: i64 = sqlx::query_scalar(
+                "SELECT count(DISTINCT updated_by) FROM consumer_offsets WHERE next_offset > 0",
+            )
+            .fetch_one(&pool)
+            .await
+            .unwrap_or(0);
             writers >= 2
         }
     })
@@ -167,7 +202,9 @@ async fn second_node_takes_over_a_killed_nodes_partitions() {
         async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
     })
     .await;
-    check_exactly_once(&pool, produced).await.expect("exactly once after a member died");
+    check_exactly_once(&pool, produced)
+        .await
+        .expect("exactly once after a member died");
     pool.close().await;
     db.drop_database().await;
 }
@@ -192,14 +229,29 @@ async fn exactly_once_checker_catches_planted_bugs() {
             .unwrap();
         }
     };
-    let one = Produced { produced: 2, valid: 2, invalid: 0, duplicates: 0 };
+    let one = Produced {
+        produced: 2,
+        valid: 2,
+        invalid: 0,
+        duplicates: 0,
+    };
     insert_event(0, "00000000-0000-4000-8000-000000000001").await;
     insert_event(1, "00000000-0000-4000-8000-000000000002").await;
-    check_exactly_once(&pool, one).await.expect("a correct store passes");
+    check_exactly_once(&pool, one)
+        .await
+        .expect("a correct store passes");
 
     // A lost event: fewer events than produced.
-    let three = Produced { produced: 3, valid: 3, invalid: 0, duplicates: 0 };
-    assert!(check_exactly_once(&pool, three).await.is_err(), "a lost event must be caught");
+    let three = Produced {
+        produced: 3,
+        valid: 3,
+        invalid: 0,
+        duplicates: 0,
+    };
+    assert!(
+        check_exactly_once(&pool, three).await.is_err(),
+        "a lost event must be caught"
+    );
 
     // A hole: offset 3 stored, offset 2 missing.
     insert_event(3, "00000000-0000-4000-8000-000000000004").await;

@@ -23,7 +23,11 @@ async fn recovers_from_a_postgres_restart_mid_stream() {
     let kafka = MockKafka::start(&topic, 8, &dir).await;
     let db = TestDatabase::create().await.expect("test database");
     let pool = admin_pool(&db).await;
-    let mut node = Proc::spawn("node-1", &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"), &dir);
+    let mut node = Proc::spawn(
+        "node-1",
+        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
+        &dir,
+    );
 
     let producer = tokio::spawn({
         let bootstrap = kafka.bootstrap.clone();
@@ -32,10 +36,19 @@ async fn recovers_from_a_postgres_restart_mid_stream() {
             // Paced so that ingestion is still running during the restart.
             let mut args = produce_args(&bootstrap, &topic, 30_000, 0.02, 0.01, 5);
             args.extend(["--rate".into(), "3000".into()]);
-            let out = tokio::process::Command::new(BIN).args(&args).output().await.expect("produce");
-            assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+            let out = tokio::process::Command::new(BIN)
+                .args(&args)
+                .output()
+                .await
+                .expect("produce");
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
             let stdout = String::from_utf8_lossy(&out.stdout).to_string();
-            let v: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+            let v: serde_json::Value =
+                serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
             Produced {
                 produced: v["produced"].as_u64().unwrap(),
                 valid: v["valid"].as_u64().unwrap(),
@@ -54,26 +67,48 @@ async fn recovers_from_a_postgres_restart_mid_stream() {
     let started_before: f64 = postmaster_start(&pool).await;
     // Down for longer than the pool's acquire timeout (10 s), so writes fail
     // and the pause/retry path runs, not just a transparent reconnect.
-    let restart = std::env::var("AUDIT_TEST_PG_RESTART")
-        .unwrap_or_else(|_| "pg_ctlcluster 15 main stop -m fast && sleep 12 && pg_ctlcluster 15 main start".into());
-    let status = tokio::process::Command::new("sh").arg("-c").arg(&restart).status().await.expect("run restart");
-    assert!(status.success(), "`{restart}` failed; set AUDIT_TEST_PG_RESTART to a command that restarts the test server");
+    let restart = std::env::var("AUDIT_TEST_PG_RESTART").unwrap_or_else(|_| {
+        "pg_ctlcluster 15 main stop -m fast && sleep 12 && pg_ctlcluster 15 main start".into()
+    });
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(&restart)
+        .status()
+        .await
+        .expect("run restart");
+    assert!(
+        status.success(),
+        "`{restart}` failed; set AUDIT_TEST_PG_RESTART to a command that restarts the test server"
+    );
 
     let produced = producer.await.expect("producer");
-    wait_until("all records stored after the restart", Duration::from_secs(240), || {
-        let pool = pool.clone();
-        let group = group.clone();
-        async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
-    })
+    wait_until(
+        "all records stored after the restart",
+        Duration::from_secs(240),
+        || {
+            let pool = pool.clone();
+            let group = group.clone();
+            async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
+        },
+    )
     .await;
-    assert!(postmaster_start(&pool).await > started_before, "the server did not restart");
-    assert!(node.is_running(), "the node must recover without a hand restart:\n{}", node.log_text());
+    assert!(
+        postmaster_start(&pool).await > started_before,
+        "the server did not restart"
+    );
+    assert!(
+        node.is_running(),
+        "the node must recover without a hand restart:\n{}",
+        node.log_text()
+    );
     assert!(
         node.log_text().contains("store write failed"),
         "the node should have seen the outage (else the test restarted nothing):\n{}",
         node.log_text()
     );
-    check_exactly_once(&pool, produced).await.expect("exactly once across a PostgreSQL restart");
+    check_exactly_once(&pool, produced)
+        .await
+        .expect("exactly once across a PostgreSQL restart");
     pool.close().await;
     db.drop_database().await;
 }

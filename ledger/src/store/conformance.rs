@@ -113,7 +113,11 @@ pub async fn run_all<S: EventStore + Inspect>(store: &S) {
         topic: topic.into(),
         partition: 0,
     };
-    assert_eq!(store.stored_offset(&key).await.expect("read offset"), None, "fresh store has no offset");
+    assert_eq!(
+        store.stored_offset(&key).await.expect("read offset"),
+        None,
+        "fresh store has no offset"
+    );
 
     // A first batch: two events and one malformed record.
     let a = envelope(ID_A, "order-1", 100).to_string();
@@ -131,12 +135,21 @@ pub async fn run_all<S: EventStore + Inspect>(store: &S) {
             duplicates: 0
         })
     );
-    assert_eq!(store.stored_offset(&key).await.expect("read offset"), Some(3));
+    assert_eq!(
+        store.stored_offset(&key).await.expect("read offset"),
+        Some(3)
+    );
 
     // A writer with a stale view is fenced and writes nothing.
     let stale = batch(vec![record(topic, 0, 0, a.as_bytes())]);
-    assert_eq!(write(store, &key, None, &stale).await, WriteOutcome::Fenced { stored: Some(3) });
-    assert_eq!(write(store, &key, Some(1), &stale).await, WriteOutcome::Fenced { stored: Some(3) });
+    assert_eq!(
+        write(store, &key, None, &stale).await,
+        WriteOutcome::Fenced { stored: Some(3) }
+    );
+    assert_eq!(
+        write(store, &key, Some(1), &stale).await,
+        WriteOutcome::Fenced { stored: Some(3) }
+    );
 
     // A producer retry is a counted duplicate; a reused id with different
     // content is a dead letter; both in a later batch and within one batch.
@@ -175,7 +188,13 @@ pub async fn run_all<S: EventStore + Inspect>(store: &S) {
         group_id: "group-2".into(),
         ..key.clone()
     };
-    assert_eq!(store.stored_offset(&other_group).await.expect("read offset"), None);
+    assert_eq!(
+        store
+            .stored_offset(&other_group)
+            .await
+            .expect("read offset"),
+        None
+    );
 
     // Every offset 0..8 is accounted for exactly once.
     let counts = store.counts().await.expect("counts");

@@ -41,7 +41,10 @@ impl MemoryStore {
 
     /// Makes the next `n` writes fail as if the database were down.
     pub fn fail_next_writes(&self, n: u32) {
-        self.state.lock().unwrap_or_else(|e| e.into_inner()).failing_writes = n;
+        self.state
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failing_writes = n;
     }
 }
 
@@ -96,7 +99,11 @@ impl EventStore for MemoryStore {
         let mut stats = stats;
         for dead in classified.dead_letters {
             let position = (&dead.kafka_topic, dead.kafka_partition, dead.kafka_offset);
-            if state.dead_letters.iter().any(|d| (&d.kafka_topic, d.kafka_partition, d.kafka_offset) == position) {
+            if state
+                .dead_letters
+                .iter()
+                .any(|d| (&d.kafka_topic, d.kafka_partition, d.kafka_offset) == position)
+            {
                 stats.dead_letters -= 1;
             } else {
                 state.dead_letters.push(dead);
@@ -109,7 +116,9 @@ impl EventStore for MemoryStore {
                 state.duplicates.push(dup);
             }
         }
-        state.offsets.insert(write.key.clone(), write.batch.next_offset);
+        state
+            .offsets
+            .insert(write.key.clone(), write.batch.next_offset);
         Ok(WriteOutcome::Committed(stats))
     }
 }

@@ -95,12 +95,16 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
         .connect()
         .await
         .map_err(|e| unreachable(url, e))?;
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-        .bind(&name)
-        .fetch_one(&mut admin)
-        .await?;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await?;
     if !exists {
-        match admin.execute(format!("CREATE DATABASE {}", quote_ident(&name)).as_str()).await {
+        match admin
+            .execute(format!("CREATE DATABASE {}", quote_ident(&name)).as_str())
+            .await
+        {
             Ok(_) => {}
             // Created concurrently by someone else: fine.
             Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("42P04") => {}
@@ -183,10 +187,12 @@ impl PgEventStore {
 
     /// Creates this month's and the next `months_ahead` monthly partitions.
     pub async fn ensure_partitions(&self, months_ahead: i32) -> Result<i32, StoreError> {
-        Ok(sqlx::query_scalar("SELECT audit_ensure_event_partitions($1)")
-            .bind(months_ahead)
-            .fetch_one(&self.pool)
-            .await?)
+        Ok(
+            sqlx::query_scalar("SELECT audit_ensure_event_partitions($1)")
+                .bind(months_ahead)
+                .fetch_one(&self.pool)
+                .await?,
+        )
     }
 
     /// Cheap liveness check for readiness probes.
@@ -248,9 +254,9 @@ impl EventStore for PgEventStore {
                 "SELECT event_id, content_hash, seq, kafka_topic, kafka_partition, kafka_offset
                  FROM events WHERE event_id = ANY($1)",
             )
-                .bind(&ids)
-                .fetch_all(&mut *tx)
-                .await?;
+            .bind(&ids)
+            .fetch_all(&mut *tx)
+            .await?;
             for row in rows {
                 let id: Uuid = row.try_get(0)?;
                 let hash: Vec<u8> = row.try_get(1)?;
@@ -272,17 +278,25 @@ impl EventStore for PgEventStore {
         } = classify(write.batch, &existing);
 
         if !events.is_empty() {
-            sqlx::query("SAVEPOINT copy_events").execute(&mut *tx).await?;
+            sqlx::query("SAVEPOINT copy_events")
+                .execute(&mut *tx)
+                .await?;
             match copy_events(&mut tx, &events).await {
                 Ok(()) => {}
                 Err(StoreError::Data(_)) => {
                     // Some row passed validation but the database refuses it:
                     // find it row by row, so one record never stalls a partition.
-                    sqlx::query("ROLLBACK TO SAVEPOINT copy_events").execute(&mut *tx).await?;
+                    sqlx::query("ROLLBACK TO SAVEPOINT copy_events")
+                        .execute(&mut *tx)
+                        .await?;
                     let (kept, refused) = isolate_refused(&mut tx, events).await?;
                     events = kept;
                     for (event, error) in refused {
-                        let record = write.batch.records.iter().find(|r| r.offset == event.kafka_offset);
+                        let record = write
+                            .batch
+                            .records
+                            .iter()
+                            .find(|r| r.offset == event.kafka_offset);
                         if let Some(record) = record {
                             dead_letters.push(DeadLetter::from_record(
                                 record,
@@ -375,14 +389,20 @@ async fn isolate_refused(
     let mut kept = Vec::with_capacity(events.len());
     let mut refused = Vec::new();
     for event in events {
-        sqlx::query("SAVEPOINT one_event").execute(&mut *conn).await?;
+        sqlx::query("SAVEPOINT one_event")
+            .execute(&mut *conn)
+            .await?;
         match copy_events(conn, std::slice::from_ref(&event)).await {
             Ok(()) => {
-                sqlx::query("RELEASE SAVEPOINT one_event").execute(&mut *conn).await?;
+                sqlx::query("RELEASE SAVEPOINT one_event")
+                    .execute(&mut *conn)
+                    .await?;
                 kept.push(event);
             }
             Err(StoreError::Data(reason)) => {
-                sqlx::query("ROLLBACK TO SAVEPOINT one_event").execute(&mut *conn).await?;
+                sqlx::query("ROLLBACK TO SAVEPOINT one_event")
+                    .execute(&mut *conn)
+                    .await?;
                 refused.push((event, reason));
             }
             Err(other) => return Err(other),
@@ -392,7 +412,8 @@ async fn isolate_refused(
 }
 
 /// The COPY statement [`encode_copy_row`] produces rows for.
-pub const COPY_EVENTS: &str = "COPY events (event_id, event_type, stream_id, stream_version, occurred_at, source,
+pub const COPY_EVENTS: &str =
+    "COPY events (event_id, event_type, stream_id, stream_version, occurred_at, source,
      correlation_id, causation_id, subject_id, payload, metadata, headers, content_hash,
      kafka_topic, kafka_partition, kafka_offset) FROM STDIN";
 
@@ -410,7 +431,11 @@ pub fn encode_copy_row(out: &mut String, event: &Event) {
         None => out.push_str("\\N"),
     }
     out.push('\t');
-    out.push_str(&event.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true));
+    out.push_str(
+        &event
+            .occurred_at
+            .to_rfc3339_opts(SecondsFormat::AutoSi, true),
+    );
     out.push('\t');
     copy_opt_text(out, event.source.as_deref());
     out.push('\t');
@@ -475,7 +500,10 @@ mod tests {
             redact_url("postgres://audit:s3cret@db:5432/audit?sslmode=require"),
             "postgres://audit:***@db:5432/audit?sslmode=require"
         );
-        assert_eq!(redact_url("postgres://audit@db/audit"), "postgres://audit@db/audit");
+        assert_eq!(
+            redact_url("postgres://audit@db/audit"),
+            "postgres://audit@db/audit"
+        );
         assert_eq!(redact_url("postgres:///audit"), "postgres:///audit");
     }
 
@@ -511,6 +539,9 @@ fn os_user_name() -> Option<String> {
         if entry.is_null() || (*entry).pw_name.is_null() {
             return None;
         }
-        std::ffi::CStr::from_ptr((*entry).pw_name).to_str().ok().map(str::to_string)
+        std::ffi::CStr::from_ptr((*entry).pw_name)
+            .to_str()
+            .ok()
+            .map(str::to_string)
     }
 }

@@ -15,7 +15,10 @@ use sqlx::PgPool;
 pub const BIN: &str = env!("CARGO_BIN_EXE_audit-node");
 
 pub fn random_name(prefix: &str) -> String {
-    format!("{prefix}-{:012x}", rand::thread_rng().gen::<u64>() & 0xffff_ffff_ffff)
+    format!(
+        "{prefix}-{:012x}",
+        rand::thread_rng().gen::<u64>() & 0xffff_ffff_ffff
+    )
 }
 
 pub fn scratch_dir() -> PathBuf {
@@ -35,7 +38,10 @@ where
         if condition().await {
             return;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -84,7 +90,9 @@ impl Proc {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn log_text(&self) -> String {
@@ -120,12 +128,19 @@ impl MockKafka {
             ],
             dir,
         );
-        wait_until("the mock cluster's bootstrap file", Duration::from_secs(30), || {
-            let exists = file.exists();
-            async move { exists }
-        })
+        wait_until(
+            "the mock cluster's bootstrap file",
+            Duration::from_secs(30),
+            || {
+                let exists = file.exists();
+                async move { exists }
+            },
+        )
         .await;
-        let bootstrap = std::fs::read_to_string(&file).expect("bootstrap file").trim().to_string();
+        let bootstrap = std::fs::read_to_string(&file)
+            .expect("bootstrap file")
+            .trim()
+            .to_string();
         Self { proc, bootstrap }
     }
 }
@@ -139,7 +154,14 @@ pub struct Produced {
     pub duplicates: u64,
 }
 
-pub fn produce_args(bootstrap: &str, topic: &str, count: u64, invalid: f64, duplicate: f64, seed: u64) -> Vec<String> {
+pub fn produce_args(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    invalid: f64,
+    duplicate: f64,
+    seed: u64,
+) -> Vec<String> {
     vec![
         "produce".into(),
         "--brokers".into(),
@@ -158,7 +180,14 @@ pub fn produce_args(bootstrap: &str, topic: &str, count: u64, invalid: f64, dupl
 }
 
 /// Runs `audit-node produce` to completion and parses its last stdout line.
-pub async fn produce(bootstrap: &str, topic: &str, count: u64, invalid: f64, duplicate: f64, seed: u64) -> Produced {
+pub async fn produce(
+    bootstrap: &str,
+    topic: &str,
+    count: u64,
+    invalid: f64,
+    duplicate: f64,
+    seed: u64,
+) -> Produced {
     let args = produce_args(bootstrap, topic, count, invalid, duplicate, seed);
     let output = tokio::process::Command::new(BIN)
         .args(&args)
@@ -166,11 +195,18 @@ pub async fn produce(bootstrap: &str, topic: &str, count: u64, invalid: f64, dup
         .output()
         .await
         .expect("run produce");
-    assert!(output.status.success(), "produce failed: {}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "produce failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     let stdout = String::from_utf8_lossy(&output.stdout);
     let last = stdout.lines().last().expect("a summary line");
     let v: serde_json::Value = serde_json::from_str(last).expect("summary is JSON");
-    let get = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("summary lacks {k}: {last}"));
+    let get = |k: &str| {
+        v[k].as_u64()
+            .unwrap_or_else(|| panic!("summary lacks {k}: {last}"))
+    };
     let p = Produced {
         produced: get("produced"),
         valid: get("valid"),
@@ -181,7 +217,13 @@ pub async fn produce(bootstrap: &str, topic: &str, count: u64, invalid: f64, dup
     p
 }
 
-pub fn run_args(bootstrap: &str, topic: &str, group: &str, db: &TestDatabase, node_id: &str) -> Vec<String> {
+pub fn run_args(
+    bootstrap: &str,
+    topic: &str,
+    group: &str,
+    db: &TestDatabase,
+    node_id: &str,
+) -> Vec<String> {
     vec![
         "run".into(),
         "--brokers".into(),
@@ -244,7 +286,10 @@ pub async fn check_exactly_once(pool: &PgPool, expected: Produced) -> Result<(),
     .await
     .map_err(|e| e.to_string())?;
     if rows != distinct_positions {
-        return Err(format!("{} offsets are stored more than once", rows - distinct_positions));
+        return Err(format!(
+            "{} offsets are stored more than once",
+            rows - distinct_positions
+        ));
     }
     // Offsets are dense from 0 in each partition: max + 1 == count.
     let holes: i64 = sqlx::query_scalar(&format!(
@@ -256,7 +301,9 @@ pub async fn check_exactly_once(pool: &PgPool, expected: Produced) -> Result<(),
     .await
     .map_err(|e| e.to_string())?;
     if holes != 0 {
-        return Err(format!("{holes} offsets are missing (holes in a partition)"));
+        return Err(format!(
+            "{holes} offsets are missing (holes in a partition)"
+        ));
     }
     let ids: (i64, i64) = sqlx::query_as("SELECT count(*), count(DISTINCT event_id) FROM events")
         .fetch_one(pool)
@@ -265,7 +312,11 @@ pub async fn check_exactly_once(pool: &PgPool, expected: Produced) -> Result<(),
     if ids.0 != ids.1 {
         return Err(format!("{} event_ids are stored twice", ids.0 - ids.1));
     }
-    let got = (ids.0 as u64, count(pool, "dead_letters").await?, count(pool, "duplicates").await?);
+    let got = (
+        ids.0 as u64,
+        count(pool, "dead_letters").await?,
+        count(pool, "duplicates").await?,
+    );
     let want = (expected.valid, expected.invalid, expected.duplicates);
     if got != want {
         return Err(format!(
