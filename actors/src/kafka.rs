@@ -40,8 +40,12 @@ pub struct KafkaSettings {
     /// Classic protocol only.
     pub session_timeout: Duration,
     /// Prefetch bound per partition: what a paused or slow partition can
-    /// hold in memory at most.
-    pub queued_max_kbytes: u32,
+    /// hold in memory at most. `None`: `prefetch_budget_kbytes` shared by
+    /// the topics' partitions.
+    pub queued_max_kbytes: Option<u32>,
+    /// Node-wide prefetch budget, split evenly over the partitions of the
+    /// subscribed topics (librdkafka only bounds prefetch per partition).
+    pub prefetch_budget_kbytes: u32,
     /// Extra librdkafka properties (security, tuning), applied last.
     pub extra: BTreeMap<String, String>,
 }
@@ -59,12 +63,20 @@ impl KafkaSettings {
             client_id: "audit-node".into(),
             group_protocol: "classic".into(),
             session_timeout: Duration::from_secs(45),
-            queued_max_kbytes: 256,
+            queued_max_kbytes: None,
+            prefetch_budget_kbytes: 32 * 1024,
             extra: BTreeMap::new(),
         }
     }
 
-    fn client_config(&self) -> ClientConfig {
+    /// Per-partition prefetch for `partitions` partitions.
+    pub fn prefetch_kbytes(&self, partitions: usize) -> u32 {
+        self.queued_max_kbytes.unwrap_or_else(|| {
+            (self.prefetch_budget_kbytes / partitions.max(1) as u32).clamp(64, 1024)
+        })
+    }
+
+    fn client_config(&self, prefetch_kbytes: u32) -> ClientConfig {
         let mut config = ClientConfig::new();
         // Operator properties first: the ones below are what exactly-once
         // and bounded memory rely on, so they cannot be overridden.
@@ -83,13 +95,10 @@ impl KafkaSettings {
             .set("enable.partition.eof", "false")
             // Bounded prefetch per partition (split queues count per partition).
             .set("queued.min.messages", "2000")
-            .set(
-                "queued.max.messages.kbytes",
-                self.queued_max_kbytes.to_string(),
-            )
+            .set("queued.max.messages.kbytes", prefetch_kbytes.to_string())
             .set(
                 "max.partition.fetch.bytes",
-                (self.queued_max_kbytes.max(64) * 1024).to_string(),
+                (prefetch_kbytes * 1024).to_string(),
             )
             // A fetch response stays in memory until its last record is
             // consumed, so one slow partition pins the whole response.
@@ -198,28 +207,22 @@ impl Connector for KafkaConnector {
         &self,
         consumer_actor: ActorRef<ConsumerMsg>,
     ) -> Result<Box<dyn ConnectorHandle>, SourceError> {
+        // Fail fast with a clear message when no broker answers, and size the
+        // prefetch from the partitions we may be assigned.
+        let partitions = self.count_partitions().await?;
+        let prefetch_kbytes = self.settings.prefetch_kbytes(partitions);
+        tracing::info!(partitions, prefetch_kbytes, "kafka topics found");
         let context = KafkaContext {
             consumer_actor,
             consumer: OnceLock::new(),
         };
         let consumer: KafkaConsumer = self
             .settings
-            .client_config()
+            .client_config(prefetch_kbytes)
             .create_with_context(context)
             .map_err(|e| SourceError::Fatal(format!("invalid Kafka configuration: {e}")))?;
         let consumer = Arc::new(consumer);
         let _ = consumer.context().consumer.set(Arc::downgrade(&consumer));
-        // Fail fast with a clear message when no broker answers.
-        let probe = consumer.clone();
-        let brokers = self.settings.brokers.clone();
-        tokio::task::spawn_blocking(move || probe.fetch_metadata(None, Duration::from_secs(15)))
-            .await
-            .map_err(|e| SourceError::Fatal(e.to_string()))?
-            .map_err(|e| {
-                SourceError::Fatal(format!(
-                    "cannot reach Kafka at {brokers}: {e}; check --brokers (AUDIT_BROKERS) and that the brokers are up"
-                ))
-            })?;
         let topics: Vec<&str> = self.settings.topics.iter().map(String::as_str).collect();
         consumer
             .subscribe(&topics)
@@ -245,6 +248,34 @@ impl Connector for KafkaConnector {
             consumer: Some(consumer),
             main_loop,
         }))
+    }
+}
+
+impl KafkaConnector {
+    /// Partitions of the subscribed topics, read with a short-lived client.
+    async fn count_partitions(&self) -> Result<usize, SourceError> {
+        let probe: BaseConsumer = self
+            .settings
+            .client_config(64)
+            .create()
+            .map_err(|e| SourceError::Fatal(format!("invalid Kafka configuration: {e}")))?;
+        let brokers = self.settings.brokers.clone();
+        let topics = self.settings.topics.clone();
+        tokio::task::spawn_blocking(move || {
+            let metadata = probe.fetch_metadata(None, Duration::from_secs(15)).map_err(|e| {
+                SourceError::Fatal(format!(
+                    "cannot reach Kafka at {brokers}: {e}; check --brokers (AUDIT_BROKERS) and that the brokers are up"
+                ))
+            })?;
+            Ok(metadata
+                .topics()
+                .iter()
+                .filter(|t| topics.iter().any(|name| name == t.name()))
+                .map(|t| t.partitions().len())
+                .sum())
+        })
+        .await
+        .map_err(|e| SourceError::Fatal(e.to_string()))?
     }
 }
 

@@ -161,12 +161,24 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     )
     .await?;
     let pool = running.store.pool().clone();
+    let mut last = (0i64, Instant::now());
     loop {
-        let stored: i64 = sqlx::query_scalar("SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE group_id = 'bench'")
-            .fetch_one(&pool)
-            .await?;
+        let stored: i64 = sqlx::query_scalar(
+            "SELECT coalesce(sum(next_offset), 0)::bigint FROM consumer_offsets WHERE group_id = 'bench'",
+        )
+        .fetch_one(&pool)
+        .await?;
         if stored as u64 >= args.events {
             break;
+        }
+        if stored > last.0 {
+            last = (stored, Instant::now());
+        } else if last.1.elapsed() > Duration::from_secs(60) {
+            anyhow::bail!(
+                "ingestion stalled at {stored} of {} events for 60s; with few partitions the mock cluster's retention \
+                 (~5 MiB per partition) may have evicted records: use more --partitions",
+                args.events
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

@@ -35,9 +35,12 @@ pub struct Tuning {
     /// Largest accepted payload in bytes; larger records become dead letters.
     #[arg(long, env = "AUDIT_MAX_PAYLOAD_BYTES")]
     pub max_payload_bytes: Option<usize>,
-    /// Prefetched kilobytes per partition (librdkafka queued.max.messages.kbytes).
+    /// Prefetched kilobytes per partition (librdkafka queued.max.messages.kbytes); default: the budget split over the partitions.
     #[arg(long, env = "AUDIT_KAFKA_QUEUED_MAX_KBYTES")]
     pub queued_max_kbytes: Option<u32>,
+    /// Node-wide Kafka prefetch budget in kilobytes, split over the topics' partitions (64..1024 KiB each).
+    #[arg(long, env = "AUDIT_KAFKA_PREFETCH_BUDGET_KBYTES")]
+    pub prefetch_budget_kbytes: Option<u32>,
     /// PostgreSQL connections of the node.
     #[arg(long, env = "AUDIT_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
@@ -66,6 +69,7 @@ pub struct KafkaFile {
     pub group_protocol: Option<String>,
     pub session_timeout_ms: Option<u64>,
     pub queued_max_kbytes: Option<u32>,
+    pub prefetch_budget_kbytes: Option<u32>,
     /// Any librdkafka property, e.g. `"security.protocol" = "SASL_SSL"`.
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
@@ -150,8 +154,12 @@ impl NodeSettings {
         if let Some(ms) = tuning.session_timeout_ms.or(file.kafka.session_timeout_ms) {
             kafka.session_timeout = Duration::from_millis(ms);
         }
-        if let Some(kb) = tuning.queued_max_kbytes.or(file.kafka.queued_max_kbytes) {
-            kafka.queued_max_kbytes = kb;
+        kafka.queued_max_kbytes = tuning.queued_max_kbytes.or(file.kafka.queued_max_kbytes);
+        if let Some(kb) = tuning
+            .prefetch_budget_kbytes
+            .or(file.kafka.prefetch_budget_kbytes)
+        {
+            kafka.prefetch_budget_kbytes = kb;
         }
         kafka.extra = file.kafka.properties;
 
