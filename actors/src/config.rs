@@ -10,7 +10,8 @@ use crate::restart::RestartPolicy;
 pub struct PipelineConfig {
     /// Most records in one batch (one transaction).
     pub batch_max_records: usize,
-    /// How long a partition waits to fill a batch once it has a record.
+    /// How long a partition waits for more records once it has one and a
+    /// permit (up to twice this: a first wait, then a fill deadline).
     pub batch_linger: Duration,
     /// How long a partition waits for a first record before checking in.
     pub poll_wait: Duration,

@@ -46,7 +46,8 @@ pub struct KafkaSettings {
     /// Node-wide prefetch budget, split evenly over the partitions of the
     /// subscribed topics (librdkafka only bounds prefetch per partition).
     pub prefetch_budget_kbytes: u32,
-    /// Extra librdkafka properties (security, tuning), applied last.
+    /// Extra librdkafka properties (security, tuning), applied first: the
+    /// settings exactly-once and bounded memory rely on cannot be overridden.
     pub extra: BTreeMap<String, String>,
 }
 

@@ -126,7 +126,7 @@ impl Actor for PartitionActor {
     ) -> Result<(), ActorProcessingErr> {
         // Not called when the actor fails or is killed: the next incarnation
         // resumes the partition instead (it starts as `paused`).
-        let _ = state.resume_if_paused();
+        state.resume_if_paused();
         tracing::info!(topic = %state.key.topic, partition = state.key.partition, "partition actor stopped");
         Ok(())
     }
@@ -162,7 +162,7 @@ impl PartitionState {
                 self.expected = stored;
                 self.positioned = true;
                 self.failures = 0;
-                self.resume_if_paused()?;
+                self.resume_if_paused();
                 Ok(None)
             }
             Err(error) if error.is_retryable() => {
@@ -210,7 +210,7 @@ impl PartitionState {
                 .source
                 .next_batch(
                     config.batch_max_records - records.len(),
-                    Duration::ZERO,
+                    config.batch_linger,
                     config.batch_linger,
                 )
                 .await
@@ -311,7 +311,7 @@ impl PartitionState {
                 self.pending = None;
                 self.failures = 0;
                 self.source.commit(next);
-                self.resume_if_paused()?;
+                self.resume_if_paused();
                 Ok(None)
             }
             Ok(WriteOutcome::Fenced { stored }) => {
@@ -326,7 +326,7 @@ impl PartitionState {
                 self.expected = stored;
                 self.failures = 0;
                 self.source.seek(stored).await?;
-                self.resume_if_paused()?;
+                self.resume_if_paused();
                 Ok(None)
             }
             Err(error) if error.is_retryable() => {
@@ -339,9 +339,13 @@ impl PartitionState {
                     delay,
                     &error,
                 );
+                // Stop fetching while the store is down; if the client refuses,
+                // the bounded prefetch still caps what piles up.
                 if !self.paused {
-                    self.source.pause()?;
-                    self.paused = true;
+                    match self.source.pause() {
+                        Ok(()) => self.paused = true,
+                        Err(e) => telemetry::source_error(&self.key.topic, self.key.partition, &e),
+                    }
                 }
                 // A concurrent-write conflict resolves at once (the retry
                 // reclassifies); only repeated conflicts back off.
@@ -357,12 +361,14 @@ impl PartitionState {
         }
     }
 
-    fn resume_if_paused(&mut self) -> Result<(), PartitionError> {
+    /// A refused resume is retried after the next batch.
+    fn resume_if_paused(&mut self) {
         if self.paused {
-            self.source.resume()?;
-            self.paused = false;
+            match self.source.resume() {
+                Ok(()) => self.paused = false,
+                Err(e) => telemetry::source_error(&self.key.topic, self.key.partition, &e),
+            }
         }
-        Ok(())
     }
 }
 

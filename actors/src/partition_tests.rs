@@ -1267,11 +1267,11 @@ async fn a_transient_error_mid_fetch_loses_nothing_on_a_fresh_partition() {
     assert_exactly_once(&memory, 0, &log);
 }
 
-/// Timeline: offset 5 stored → fetch reads 5, the rest fails (calls 1–2):
-/// record 5 is dropped → the next fetch starts at 6: a gap, seek back to 5
-/// (calls 3–4) → fetch reads 5, the rest fails again (calls 5–6) → the next
-/// fetch starts at 6 again: the gap at 5 was "already tried", so it must
-/// not be accepted as a real gap in the log.
+/// Timeline: offset 5 stored → fetch reads 5, reading the rest fails
+/// (calls 1–2) → record 5 must still be written, not dropped → repeat the
+/// failure pattern → no gap may ever be accepted: the log has none.
+/// (Regression: the fetch once dropped the carried record on such a failure
+/// and, the second time, accepted the gap as missing from the log.)
 #[tokio::test(start_paused = true)]
 async fn transient_errors_mid_fetch_lose_nothing_after_a_stored_offset() {
     let log = make_log(0, 30);

@@ -1,6 +1,6 @@
 //! Every internal event of the pipeline in one place: each function logs and
 //! bumps its metric together, so names stay consistent. Metric names are
-//! listed in docs/OPERATIONS.md.
+//! listed in docs/ARCHITECTURE.md#metrics.
 
 use std::time::Duration;
 

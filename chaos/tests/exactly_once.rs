@@ -199,11 +199,10 @@ fn lost_acks_do_not_stall_a_partition() {
 
 /// Timeline (a fetch is two next_batch calls: the first record, then the
 /// rest of the batch; every 4th call fails with a transient broker error):
-///   fetch 2   reads offset E, reading the rest fails: E must not be dropped
-///   fetch 3   (today: starts at E+1, a gap) seeks back to E
-///   fetch 4   reads E, reading the rest fails again
-///   fetch 5   (today: starts at E+1, the gap at E was "already tried", so it
-///             is accepted as missing from the log: E is lost for good)
+///   fetch 2   reads offset E, reading the rest fails: E is written anyway
+///   fetch 3+  the same pattern again and again: no record may be lost
+/// (Regression: the fetch once dropped E, and on a second loss at E took the
+/// gap for one that is real in the log.)
 #[test]
 fn transient_source_errors_lose_nothing() {
     let seed = seed("transient_source_errors_lose_nothing");

@@ -319,24 +319,52 @@ impl Fields {
         })
     }
 
-    /// Hash of the normalised envelope. serde_json maps are sorted by key, so
-    /// two serialisations of the same content hash the same.
+    /// Hash of the normalised envelope: the fields in key order (as a JSON
+    /// object with sorted keys) streamed into the hasher, no copy made.
     fn content_hash(&self) -> [u8; 32] {
-        let normalised = serde_json::json!({
-            "event_id": self.event_id,
-            "event_type": self.event_type,
-            "stream_id": self.stream_id,
-            "stream_version": self.stream_version,
-            "occurred_at": self.occurred_at.to_rfc3339_opts(SecondsFormat::AutoSi, true),
-            "source": self.source,
-            "correlation_id": self.correlation_id,
-            "causation_id": self.causation_id,
-            "subject_id": self.subject_id,
-            "payload": self.payload,
-            "metadata": self.metadata,
-        });
-        let bytes = serde_json::to_vec(&normalised).unwrap_or_default();
-        Sha256::digest(&bytes).into()
+        #[derive(serde::Serialize)]
+        struct Normalised<'a> {
+            causation_id: Option<Uuid>,
+            correlation_id: Option<Uuid>,
+            event_id: Uuid,
+            event_type: &'a str,
+            metadata: &'a Option<Value>,
+            occurred_at: String,
+            payload: &'a Value,
+            source: &'a Option<String>,
+            stream_id: &'a str,
+            stream_version: Option<i64>,
+            subject_id: &'a Option<String>,
+        }
+        struct HashWriter(Sha256);
+        impl std::io::Write for HashWriter {
+            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+                self.0.update(buf);
+                Ok(buf.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut hasher = HashWriter(Sha256::new());
+        let normalised = Normalised {
+            causation_id: self.causation_id,
+            correlation_id: self.correlation_id,
+            event_id: self.event_id,
+            event_type: &self.event_type,
+            metadata: &self.metadata,
+            occurred_at: self
+                .occurred_at
+                .to_rfc3339_opts(SecondsFormat::AutoSi, true),
+            payload: &self.payload,
+            source: &self.source,
+            stream_id: &self.stream_id,
+            stream_version: self.stream_version,
+            subject_id: &self.subject_id,
+        };
+        // Writing to a hasher cannot fail, and these types always serialise.
+        let _ = serde_json::to_writer(&mut hasher, &normalised);
+        hasher.0.finalize().into()
     }
 }
 

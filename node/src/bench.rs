@@ -175,8 +175,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             last = (stored, Instant::now());
         } else if last.1.elapsed() > Duration::from_secs(60) {
             anyhow::bail!(
-                "ingestion stalled at {stored} of {} events for 60s; with few partitions the mock cluster's retention \
-                 (~5 MiB per partition) may have evicted records: use more --partitions",
+                "ingestion stalled at {stored} of {} events for 60s; see the node's log above",
                 args.events
             );
         }

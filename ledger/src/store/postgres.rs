@@ -445,14 +445,14 @@ pub fn encode_copy_row(out: &mut String, event: &Event) {
     out.push('\t');
     copy_opt_text(out, event.subject_id.as_deref());
     out.push('\t');
-    copy_text(out, &event.payload.to_string());
+    copy_json(out, &event.payload);
     out.push('\t');
     match &event.metadata {
-        Some(m) => copy_text(out, &m.to_string()),
+        Some(m) => copy_json(out, m),
         None => out.push_str("\\N"),
     }
     out.push('\t');
-    copy_text(out, &event.headers.to_string());
+    copy_json(out, &event.headers);
     out.push('\t');
     // bytea in text COPY: `\\x` + hex (the backslash itself is escaped).
     out.push_str("\\\\x");
@@ -476,6 +476,31 @@ fn copy_opt_uuid(out: &mut String, value: Option<Uuid>) {
         }
         None => out.push_str("\\N"),
     }
+}
+
+/// Compact JSON never holds a raw tab, newline or carriage return (they are
+/// escaped as `\t`...), so only its backslashes need COPY escaping.
+fn copy_json(out: &mut String, value: &serde_json::Value) {
+    struct Escaping(Vec<u8>);
+    impl std::io::Write for Escaping {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            // A backslash byte never occurs inside a multi-byte UTF-8 sequence.
+            for &byte in buf {
+                if byte == b'\\' {
+                    self.0.push(b'\\');
+                }
+                self.0.push(byte);
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut escaped = Escaping(Vec::with_capacity(512));
+    // Serialising a Value into memory cannot fail, and its output is UTF-8.
+    let _ = serde_json::to_writer(&mut escaped, value);
+    out.push_str(&String::from_utf8_lossy(&escaped.0));
 }
 
 fn copy_text(out: &mut String, value: &str) {
@@ -505,6 +530,16 @@ mod tests {
             "postgres://audit@db/audit"
         );
         assert_eq!(redact_url("postgres:///audit"), "postgres:///audit");
+    }
+
+    #[test]
+    fn copy_json_escapes_backslashes_only() {
+        let value = serde_json::json!({"a": "tab\there \\ \"q\" é"});
+        let mut out = String::new();
+        copy_json(&mut out, &value);
+        let mut expected = String::new();
+        copy_text(&mut expected, &value.to_string());
+        assert_eq!(out, expected);
     }
 
     #[test]
