@@ -81,7 +81,9 @@ impl ChildSpec for ConsumerSpec {
             store: self.store.clone(),
             config: self.config.clone(),
         };
-        let (actor, _join) = Actor::spawn_linked(None, ConsumerActor, args, supervisor).await?;
+        let (actor, _join) = Actor::spawn_linked(None, ConsumerActor, args, supervisor)
+            .await
+            .map_err(crate::supervisor::startup_error)?;
         Ok(actor.get_cell())
     }
 }

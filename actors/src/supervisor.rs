@@ -20,6 +20,15 @@ pub trait ChildSpec: Send + Sync + 'static {
     async fn spawn(&self, supervisor: ActorCell) -> Result<ActorCell, ActorProcessingErr>;
 }
 
+/// The error a child's `pre_start` returned, without ractor's wrapping, so
+/// an operator reads "cannot reach Kafka at ..." and not "actor panicked".
+pub fn startup_error(error: ractor::SpawnErr) -> ActorProcessingErr {
+    match error {
+        ractor::SpawnErr::StartupFailed(inner) => inner,
+        other => Box::new(other),
+    }
+}
+
 pub struct NodeSupervisor;
 
 pub enum SupervisorMsg {

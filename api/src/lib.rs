@@ -180,8 +180,9 @@ impl ChildSpec for ApiSpec {
     }
 
     async fn spawn(&self, supervisor: ActorCell) -> Result<ActorCell, ActorProcessingErr> {
-        let (actor, _join) =
-            Actor::spawn_linked(None, ApiActor, self.0.clone(), supervisor).await?;
+        let (actor, _join) = Actor::spawn_linked(None, ApiActor, self.0.clone(), supervisor)
+            .await
+            .map_err(audit_actors::supervisor::startup_error)?;
         Ok(actor.get_cell())
     }
 }

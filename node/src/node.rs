@@ -73,7 +73,7 @@ pub async fn start(
         },
     )
     .await
-    .map_err(|e| anyhow::anyhow!("{e}"))?;
+    .map_err(|e| anyhow::anyhow!("{}", audit_actors::supervisor::startup_error(e)))?;
 
     // New monthly partitions ahead of time, checked hourly.
     let maintenance_store = store.clone();
