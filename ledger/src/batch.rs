@@ -74,10 +74,11 @@ pub struct Duplicate {
     pub kafka_offset: i64,
 }
 
-/// What to write for one batch.
+/// What to write for one batch. Events are borrowed from the batch, which
+/// stays intact for a retry.
 #[derive(Debug, Default)]
-pub struct Classified {
-    pub events: Vec<Event>,
+pub struct Classified<'a> {
+    pub events: Vec<&'a Event>,
     pub dead_letters: Vec<DeadLetter>,
     pub duplicates: Vec<Duplicate>,
 }
@@ -87,7 +88,7 @@ pub struct Classified {
 /// Same `event_id` and same content is a producer retry (a duplicate); same
 /// `event_id` and different content is a conflict (a dead letter). Events
 /// earlier in the same batch count as stored.
-pub fn classify(batch: &PreparedBatch, existing: &HashMap<Uuid, ExistingEvent>) -> Classified {
+pub fn classify<'a>(batch: &'a PreparedBatch, existing: &HashMap<Uuid, ExistingEvent>) -> Classified<'a> {
     let mut out = Classified::default();
     let mut in_batch: HashMap<Uuid, ([u8; 32], i64)> = HashMap::new();
     for (record, item) in batch.records.iter().zip(&batch.items) {
@@ -139,7 +140,7 @@ pub fn classify(batch: &PreparedBatch, existing: &HashMap<Uuid, ExistingEvent>) 
             )),
             None => {
                 in_batch.insert(event.event_id, (event.content_hash, event.kafka_offset));
-                out.events.push(event.clone());
+                out.events.push(event);
             }
         }
     }

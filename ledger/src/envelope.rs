@@ -5,6 +5,7 @@
 //! (structured mode and Kafka binary mode). Both map onto the same fields.
 
 use chrono::{DateTime, Datelike, SecondsFormat, SubsecRound, Utc};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
@@ -49,7 +50,7 @@ impl Default for ParseOptions {
 }
 
 /// A validated event, ready to be stored.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct Event {
     pub event_id: Uuid,
     pub event_type: String,
@@ -60,10 +61,12 @@ pub struct Event {
     pub correlation_id: Option<Uuid>,
     pub causation_id: Option<Uuid>,
     pub subject_id: Option<String>,
-    pub payload: Value,
-    pub metadata: Option<Value>,
-    /// Kafka headers, kept as JSON (see [`RawRecord::headers_json`]).
-    pub headers: Value,
+    /// The payload's JSON text as sent: never re-serialised on the hot path
+    /// (PostgreSQL's jsonb normalises it on input).
+    pub payload: Box<RawValue>,
+    pub metadata: Option<Box<RawValue>>,
+    /// Kafka headers as JSON text (see [`RawRecord::headers_json`]).
+    pub headers: Box<RawValue>,
     /// SHA-256 of the normalised envelope: tells a producer retry (same
     /// content) from a reused `event_id` (different content).
     pub content_hash: [u8; 32],
@@ -216,18 +219,35 @@ pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLe
     let fields = if is_binary_cloudevent {
         binary_cloudevent(record, text)
     } else {
-        let value: Value = serde_json::from_str(text).map_err(|e| {
+        let raw: &RawValue = serde_json::from_str(text).map_err(|e| {
             dead(DeadLetterReason::NotJson {
                 error: e.to_string(),
             })
         })?;
-        let Value::Object(object) = value else {
+        if !raw.get().starts_with('{') {
             return Err(dead(DeadLetterReason::NotAnObject));
-        };
+        }
+        // Top-level fields: small ones as values, bulky ones kept as text.
+        let top: Vec<(String, &RawValue)> = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw.get())
+            .map_err(|e| dead(DeadLetterReason::NotJson { error: e.to_string() }))?
+            .into_iter()
+            .collect();
+        let mut object = Map::new();
+        let mut bulky = Bulky::default();
+        for (key, value) in top {
+            match key.as_str() {
+                "payload" | "data" => bulky.payload = Some((key, value)),
+                "metadata" => bulky.metadata = Some(value),
+                _ => {
+                    let value = serde_json::from_str(value.get()).map_err(|e| dead(DeadLetterReason::NotJson { error: e.to_string() }))?;
+                    object.insert(key, value);
+                }
+            }
+        }
         if is_structured_cloudevent(record, &object) {
-            structured_cloudevent(record, object)
+            structured_cloudevent(record, object, bulky)
         } else {
-            native(object)
+            native(object, bulky)
         }
     };
     let fields =
@@ -243,6 +263,41 @@ pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLe
 }
 
 type Rejection = (Option<Uuid>, DeadLetterReason);
+
+/// The top-level fields kept as raw JSON text: `payload` (native) or `data`
+/// (CloudEvents), and `metadata`.
+#[derive(Default)]
+struct Bulky<'a> {
+    payload: Option<(String, &'a RawValue)>,
+    metadata: Option<&'a RawValue>,
+}
+
+impl Bulky<'_> {
+    /// The payload under `name`, which must be a JSON object.
+    fn payload(&self, name: &str) -> Result<Box<RawValue>, DeadLetterReason> {
+        match &self.payload {
+            Some((key, raw)) if key == name => match raw_object(raw, name)? {
+                Some(object) => Ok(object),
+                None => Err(missing(name)),
+            },
+            Some((key, _)) => Err(DeadLetterReason::UnknownField { field: key.clone() }),
+            None => Err(missing(name)),
+        }
+    }
+}
+
+/// `None` for JSON null; the object's text; or why it is not an object.
+fn raw_object(raw: &RawValue, field: &str) -> Result<Option<Box<RawValue>>, DeadLetterReason> {
+    let kind = match raw.get().as_bytes().first() {
+        Some(b'{') => return Ok(Some(raw.to_owned())),
+        Some(b'n') => return Ok(None),
+        Some(b'[') => "an array",
+        Some(b'"') => "a string",
+        Some(b't' | b'f') => "a boolean",
+        _ => "a number",
+    };
+    Err(invalid(field, &format!("must be a JSON object, got {kind}")))
+}
 
 #[derive(Clone, Copy)]
 struct Screens {
@@ -261,8 +316,8 @@ struct Fields {
     correlation_id: Option<Uuid>,
     causation_id: Option<Uuid>,
     subject_id: Option<String>,
-    payload: Value,
-    metadata: Option<Value>,
+    payload: Box<RawValue>,
+    metadata: Option<Box<RawValue>>,
 }
 
 impl Fields {
@@ -274,9 +329,7 @@ impl Fields {
     ) -> Result<Event, Rejection> {
         let reject = |reason| (Some(self.event_id), reason);
         if screens.may_be_too_large {
-            let size = serde_json::to_vec(&self.payload)
-                .map(|v| v.len())
-                .unwrap_or(usize::MAX);
+            let size = self.payload.get().len();
             if size > options.max_payload_bytes {
                 return Err(reject(DeadLetterReason::PayloadTooLarge {
                     size,
@@ -286,10 +339,11 @@ impl Fields {
         }
         // PostgreSQL's text and jsonb cannot hold U+0000.
         if screens.may_contain_nul {
-            let nul = first_nul(&self.payload, "payload").or_else(|| {
+            let parsed = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap_or(Value::Null);
+            let nul = first_nul(&parsed(&self.payload), "payload").or_else(|| {
                 self.metadata
-                    .as_ref()
-                    .and_then(|m| first_nul(m, "metadata"))
+                    .as_deref()
+                    .and_then(|m| first_nul(&parsed(m), "metadata"))
             });
             if let Some(field) = nul {
                 return Err(reject(invalid(
@@ -311,7 +365,7 @@ impl Fields {
             subject_id: self.subject_id,
             payload: self.payload,
             metadata: self.metadata,
-            headers: record.headers_json(),
+            headers: record.headers_json_text(),
             content_hash,
             kafka_topic: record.topic.clone(),
             kafka_partition: record.partition,
@@ -328,9 +382,9 @@ impl Fields {
             correlation_id: Option<Uuid>,
             event_id: Uuid,
             event_type: &'a str,
-            metadata: &'a Option<Value>,
+            metadata: Option<&'a RawValue>,
             occurred_at: String,
-            payload: &'a Value,
+            payload: &'a RawValue,
             source: &'a Option<String>,
             stream_id: &'a str,
             stream_version: Option<i64>,
@@ -352,7 +406,7 @@ impl Fields {
             correlation_id: self.correlation_id,
             event_id: self.event_id,
             event_type: &self.event_type,
-            metadata: &self.metadata,
+            metadata: self.metadata.as_deref(),
             occurred_at: self
                 .occurred_at
                 .to_rfc3339_opts(SecondsFormat::AutoSi, true),
@@ -375,7 +429,7 @@ fn invalid(field: &str, problem: &str) -> DeadLetterReason {
     }
 }
 
-fn native(mut object: Map<String, Value>) -> Result<Fields, Rejection> {
+fn native(mut object: Map<String, Value>, bulky: Bulky<'_>) -> Result<Fields, Rejection> {
     let event_id = required_uuid(&mut object, "event_id").map_err(|r| (None, r))?;
     let with_id = |r| (Some(event_id), r);
     if let Some(unknown) = object.keys().find(|k| !NATIVE_FIELDS.contains(&k.as_str())) {
@@ -389,15 +443,10 @@ fn native(mut object: Map<String, Value>) -> Result<Fields, Rejection> {
         None | Some(Value::Null) => return Err(with_id(missing("occurred_at"))),
         Some(value) => timestamp(value, "occurred_at").map_err(with_id)?,
     };
-    let payload = match object.remove("payload") {
-        None | Some(Value::Null) => return Err(with_id(missing("payload"))),
-        Some(payload @ Value::Object(_)) => payload,
-        Some(other) => {
-            return Err(with_id(invalid(
-                "payload",
-                &format!("must be a JSON object, got {}", json_kind(&other)),
-            )))
-        }
+    let payload = bulky.payload("payload").map_err(with_id)?;
+    let metadata = match bulky.metadata {
+        Some(raw) => raw_object(raw, "metadata").map_err(with_id)?,
+        None => None,
     };
     Ok(Fields {
         event_id,
@@ -411,16 +460,7 @@ fn native(mut object: Map<String, Value>) -> Result<Fields, Rejection> {
         causation_id: optional_uuid(&mut object, "causation_id").map_err(with_id)?,
         subject_id: optional_identifier(&mut object, "subject_id").map_err(with_id)?,
         payload,
-        metadata: match object.remove("metadata") {
-            None | Some(Value::Null) => None,
-            Some(m @ Value::Object(_)) => Some(m),
-            Some(other) => {
-                return Err(with_id(invalid(
-                    "metadata",
-                    &format!("must be a JSON object, got {}", json_kind(&other)),
-                )))
-            }
-        },
+        metadata,
     })
 }
 
@@ -436,12 +476,14 @@ fn is_structured_cloudevent(record: &RawRecord, object: &Map<String, Value>) -> 
 /// CloudEvents attributes, whichever mode carried them.
 struct CloudEvent {
     attributes: Map<String, Value>,
-    data: Option<Value>,
+    /// The event data, already checked to be a JSON object.
+    data: Option<Box<RawValue>>,
 }
 
 fn structured_cloudevent(
     record: &RawRecord,
     mut object: Map<String, Value>,
+    bulky: Bulky<'_>,
 ) -> Result<Fields, Rejection> {
     if object.contains_key("data_base64") {
         return Err((
@@ -452,7 +494,19 @@ fn structured_cloudevent(
             ),
         ));
     }
-    let data = object.remove("data");
+    // `metadata` and `payload` are ordinary extension attributes here.
+    let as_value = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap_or(Value::Null);
+    if let Some(raw) = bulky.metadata {
+        object.insert("metadata".into(), as_value(raw));
+    }
+    let data = match bulky.payload {
+        Some((key, raw)) if key == "data" => raw_object(raw, "data").map_err(|r| (None, r))?,
+        Some((key, raw)) => {
+            object.insert(key, as_value(raw));
+            None
+        }
+        None => None,
+    };
     cloudevent(
         record,
         CloudEvent {
@@ -493,14 +547,15 @@ fn binary_cloudevent(record: &RawRecord, text: &str) -> Result<Fields, Rejection
     let data = if text.trim().is_empty() {
         None
     } else {
-        Some(serde_json::from_str(text).map_err(|e| {
+        let raw: &RawValue = serde_json::from_str(text).map_err(|e| {
             (
                 None,
                 DeadLetterReason::NotJson {
                     error: e.to_string(),
                 },
             )
-        })?)
+        })?;
+        raw_object(raw, "data").map_err(|r| (None, r))?
     };
     cloudevent(record, CloudEvent { attributes, data })
 }
@@ -544,16 +599,7 @@ fn cloudevent(record: &RawRecord, event: CloudEvent) -> Result<Fields, Rejection
         Some(Value::Null) | None => return Err(with_id(missing("time"))),
         Some(value) => timestamp(value, "time").map_err(with_id)?,
     };
-    let payload = match data {
-        Some(payload @ Value::Object(_)) => payload,
-        None | Some(Value::Null) => return Err(with_id(missing("data"))),
-        Some(other) => {
-            return Err(with_id(invalid(
-                "data",
-                &format!("must be a JSON object, got {}", json_kind(&other)),
-            )))
-        }
-    };
+    let payload = data.ok_or_else(|| with_id(missing("data")))?;
     if let Some(ct) = attributes.get("datacontenttype").and_then(Value::as_str) {
         if !(ct.starts_with("application/json") || ct.contains("+json")) {
             return Err(with_id(invalid(
@@ -583,7 +629,7 @@ fn cloudevent(record: &RawRecord, event: CloudEvent) -> Result<Fields, Rejection
         causation_id,
         subject_id,
         payload,
-        metadata: Some(Value::Object(metadata)),
+        metadata: RawValue::from_string(Value::Object(metadata).to_string()).ok(),
     })
 }
 

@@ -30,6 +30,44 @@ impl RawRecord {
             .and_then(|h| h.value.as_deref())
     }
 
+    /// [`Self::headers_json`] as JSON text, built without a `Value` tree
+    /// (it is on the hot path of every event).
+    pub fn headers_json_text(&self) -> Box<serde_json::value::RawValue> {
+        use base64::Engine as _;
+        #[derive(serde::Serialize)]
+        struct Entry<'a> {
+            key: std::borrow::Cow<'a, str>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            value: Option<Option<&'a str>>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            value_base64: Option<String>,
+        }
+        let entries: Vec<Entry<'_>> = self
+            .headers
+            .iter()
+            .map(|h| {
+                let key = if h.key.contains('\0') {
+                    std::borrow::Cow::Owned(h.key.replace('\0', "\u{FFFD}"))
+                } else {
+                    std::borrow::Cow::Borrowed(h.key.as_str())
+                };
+                match &h.value {
+                    None => Entry { key, value: Some(None), value_base64: None },
+                    Some(bytes) => match std::str::from_utf8(bytes) {
+                        Ok(text) if !text.contains('\0') => Entry { key, value: Some(Some(text)), value_base64: None },
+                        _ => Entry {
+                            key,
+                            value: None,
+                            value_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                        },
+                    },
+                }
+            })
+            .collect();
+        // Serialising strings cannot fail; the default (`null`) is unreachable.
+        serde_json::value::to_raw_value(&entries).unwrap_or_default()
+    }
+
     /// Headers as JSON, lossless: UTF-8 values without NUL are kept as text,
     /// anything else as base64 so PostgreSQL can store it.
     pub fn headers_json(&self) -> Value {

@@ -216,3 +216,27 @@ async fn a_second_group_rereading_the_topic_converges() {
     store.pool().close().await;
     db.drop_database().await;
 }
+
+/// A pretty-printed envelope (newlines, tabs and escapes inside the payload
+/// text) is stored intact: the COPY encoding escapes the raw JSON text.
+#[tokio::test]
+async fn pretty_printed_payloads_are_stored_intact() {
+    use audit_ledger::{EventStore, WriteBatch};
+    let db = TestDatabase::create().await.expect("test database");
+    let store = PgEventStore::connect(&PgConfig::new(&db.url)).await.unwrap();
+    let mut envelope = conformance::envelope("00000000-0000-4000-8000-0000000000b1", "order-1", 1);
+    envelope["payload"]["note"] = serde_json::json!("tab\there, newline\nthere, backslash \\ and \"quotes\"");
+    let pretty = serde_json::to_string_pretty(&envelope).unwrap().replace("  ", "\t");
+    let batch = batch_of(&[pretty]);
+    store
+        .write_batch(WriteBatch { key: &key("g"), expected: None, batch: &batch, writer: "t" })
+        .await
+        .unwrap();
+    let stored: serde_json::Value = sqlx::query_scalar("SELECT payload FROM events")
+        .fetch_one(store.pool())
+        .await
+        .unwrap();
+    assert_eq!(stored, envelope["payload"]);
+    store.pool().close().await;
+    db.drop_database().await;
+}

@@ -92,7 +92,7 @@ impl EventStore for MemoryStore {
         for event in classified.events {
             let index = state.events.len();
             state.by_id.insert(event.event_id, index);
-            state.events.push(event);
+            state.events.push(event.clone());
         }
         // A position already accounted for is not stored twice (as PostgreSQL's
         // unique keys and ON CONFLICT DO NOTHING do).

@@ -366,7 +366,7 @@ impl EventStore for PgEventStore {
     }
 }
 
-async fn copy_events(conn: &mut sqlx::PgConnection, events: &[Event]) -> Result<(), StoreError> {
+async fn copy_events(conn: &mut sqlx::PgConnection, events: &[&Event]) -> Result<(), StoreError> {
     let mut buffer = String::with_capacity(events.len() * 1024);
     for event in events {
         encode_copy_row(&mut buffer, event);
@@ -382,17 +382,17 @@ async fn copy_events(conn: &mut sqlx::PgConnection, events: &[Event]) -> Result<
 
 /// Copies events one by one under savepoints; returns those stored and those
 /// the database refused, with its reason.
-async fn isolate_refused(
+async fn isolate_refused<'a>(
     conn: &mut sqlx::PgConnection,
-    events: Vec<Event>,
-) -> Result<(Vec<Event>, Vec<(Event, String)>), StoreError> {
+    events: Vec<&'a Event>,
+) -> Result<(Vec<&'a Event>, Vec<(&'a Event, String)>), StoreError> {
     let mut kept = Vec::with_capacity(events.len());
     let mut refused = Vec::new();
     for event in events {
         sqlx::query("SAVEPOINT one_event")
             .execute(&mut *conn)
             .await?;
-        match copy_events(conn, std::slice::from_ref(&event)).await {
+        match copy_events(conn, &[event]).await {
             Ok(()) => {
                 sqlx::query("RELEASE SAVEPOINT one_event")
                     .execute(&mut *conn)
@@ -445,18 +445,21 @@ pub fn encode_copy_row(out: &mut String, event: &Event) {
     out.push('\t');
     copy_opt_text(out, event.subject_id.as_deref());
     out.push('\t');
-    copy_json(out, &event.payload);
+    copy_text(out, event.payload.get());
     out.push('\t');
     match &event.metadata {
-        Some(m) => copy_json(out, m),
+        Some(m) => copy_text(out, m.get()),
         None => out.push_str("\\N"),
     }
     out.push('\t');
-    copy_json(out, &event.headers);
+    copy_text(out, event.headers.get());
     out.push('\t');
     // bytea in text COPY: `\\x` + hex (the backslash itself is escaped).
     out.push_str("\\\\x");
-    out.push_str(&hex::encode(event.content_hash));
+    let mut hex = [0u8; 64];
+    if hex::encode_to_slice(event.content_hash, &mut hex).is_ok() {
+        out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
+    }
     out.push('\t');
     copy_text(out, &event.kafka_topic);
     let _ = writeln!(out, "\t{}\t{}", event.kafka_partition, event.kafka_offset);
@@ -478,41 +481,23 @@ fn copy_opt_uuid(out: &mut String, value: Option<Uuid>) {
     }
 }
 
-/// Compact JSON never holds a raw tab, newline or carriage return (they are
-/// escaped as `\t`...), so only its backslashes need COPY escaping.
-fn copy_json(out: &mut String, value: &serde_json::Value) {
-    struct Escaping(Vec<u8>);
-    impl std::io::Write for Escaping {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            // A backslash byte never occurs inside a multi-byte UTF-8 sequence.
-            for &byte in buf {
-                if byte == b'\\' {
-                    self.0.push(b'\\');
-                }
-                self.0.push(byte);
-            }
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut escaped = Escaping(Vec::with_capacity(512));
-    // Serialising a Value into memory cannot fail, and its output is UTF-8.
-    let _ = serde_json::to_writer(&mut escaped, value);
-    out.push_str(&String::from_utf8_lossy(&escaped.0));
-}
-
 fn copy_text(out: &mut String, value: &str) {
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '\t' => out.push_str("\\t"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            c => out.push(c),
-        }
+    // Byte-wise: the four special bytes never occur inside a multi-byte
+    // UTF-8 sequence, so slicing at them keeps every slice valid UTF-8.
+    let mut start = 0;
+    for (i, byte) in value.bytes().enumerate() {
+        let escape = match byte {
+            b'\\' => "\\\\",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            _ => continue,
+        };
+        out.push_str(&value[start..i]);
+        out.push_str(escape);
+        start = i + 1;
     }
+    out.push_str(&value[start..]);
 }
 
 #[cfg(test)]
@@ -530,16 +515,6 @@ mod tests {
             "postgres://audit@db/audit"
         );
         assert_eq!(redact_url("postgres:///audit"), "postgres:///audit");
-    }
-
-    #[test]
-    fn copy_json_escapes_backslashes_only() {
-        let value = serde_json::json!({"a": "tab\there \\ \"q\" é"});
-        let mut out = String::new();
-        copy_json(&mut out, &value);
-        let mut expected = String::new();
-        copy_text(&mut expected, &value.to_string());
-        assert_eq!(out, expected);
     }
 
     #[test]
