@@ -88,7 +88,10 @@ pub struct Classified<'a> {
 /// Same `event_id` and same content is a producer retry (a duplicate); same
 /// `event_id` and different content is a conflict (a dead letter). Events
 /// earlier in the same batch count as stored.
-pub fn classify<'a>(batch: &'a PreparedBatch, existing: &HashMap<Uuid, ExistingEvent>) -> Classified<'a> {
+pub fn classify<'a>(
+    batch: &'a PreparedBatch,
+    existing: &HashMap<Uuid, ExistingEvent>,
+) -> Classified<'a> {
     let mut out = Classified::default();
     let mut in_batch: HashMap<Uuid, ([u8; 32], i64)> = HashMap::new();
     for (record, item) in batch.records.iter().zip(&batch.items) {

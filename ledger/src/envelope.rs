@@ -228,10 +228,15 @@ pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLe
             return Err(dead(DeadLetterReason::NotAnObject));
         }
         // Top-level fields: small ones as values, bulky ones kept as text.
-        let top: Vec<(String, &RawValue)> = serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw.get())
-            .map_err(|e| dead(DeadLetterReason::NotJson { error: e.to_string() }))?
-            .into_iter()
-            .collect();
+        let top: Vec<(String, &RawValue)> =
+            serde_json::from_str::<std::collections::BTreeMap<String, &RawValue>>(raw.get())
+                .map_err(|e| {
+                    dead(DeadLetterReason::NotJson {
+                        error: e.to_string(),
+                    })
+                })?
+                .into_iter()
+                .collect();
         let mut object = Map::new();
         let mut bulky = Bulky::default();
         for (key, value) in top {
@@ -239,7 +244,11 @@ pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLe
                 "payload" | "data" => bulky.payload = Some((key, value)),
                 "metadata" => bulky.metadata = Some(value),
                 _ => {
-                    let value = serde_json::from_str(value.get()).map_err(|e| dead(DeadLetterReason::NotJson { error: e.to_string() }))?;
+                    let value = serde_json::from_str(value.get()).map_err(|e| {
+                        dead(DeadLetterReason::NotJson {
+                            error: e.to_string(),
+                        })
+                    })?;
                     object.insert(key, value);
                 }
             }
@@ -296,7 +305,10 @@ fn raw_object(raw: &RawValue, field: &str) -> Result<Option<Box<RawValue>>, Dead
         Some(b't' | b'f') => "a boolean",
         _ => "a number",
     };
-    Err(invalid(field, &format!("must be a JSON object, got {kind}")))
+    Err(invalid(
+        field,
+        &format!("must be a JSON object, got {kind}"),
+    ))
 }
 
 #[derive(Clone, Copy)]
@@ -339,7 +351,8 @@ impl Fields {
         }
         // PostgreSQL's text and jsonb cannot hold U+0000.
         if screens.may_contain_nul {
-            let parsed = |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap_or(Value::Null);
+            let parsed =
+                |raw: &RawValue| serde_json::from_str::<Value>(raw.get()).unwrap_or(Value::Null);
             let nul = first_nul(&parsed(&self.payload), "payload").or_else(|| {
                 self.metadata
                     .as_deref()

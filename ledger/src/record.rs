@@ -52,13 +52,23 @@ impl RawRecord {
                     std::borrow::Cow::Borrowed(h.key.as_str())
                 };
                 match &h.value {
-                    None => Entry { key, value: Some(None), value_base64: None },
+                    None => Entry {
+                        key,
+                        value: Some(None),
+                        value_base64: None,
+                    },
                     Some(bytes) => match std::str::from_utf8(bytes) {
-                        Ok(text) if !text.contains('\0') => Entry { key, value: Some(Some(text)), value_base64: None },
+                        Ok(text) if !text.contains('\0') => Entry {
+                            key,
+                            value: Some(Some(text)),
+                            value_base64: None,
+                        },
                         _ => Entry {
                             key,
                             value: None,
-                            value_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                            value_base64: Some(
+                                base64::engine::general_purpose::STANDARD.encode(bytes),
+                            ),
                         },
                     },
                 }

@@ -223,13 +223,23 @@ async fn a_second_group_rereading_the_topic_converges() {
 async fn pretty_printed_payloads_are_stored_intact() {
     use audit_ledger::{EventStore, WriteBatch};
     let db = TestDatabase::create().await.expect("test database");
-    let store = PgEventStore::connect(&PgConfig::new(&db.url)).await.unwrap();
+    let store = PgEventStore::connect(&PgConfig::new(&db.url))
+        .await
+        .unwrap();
     let mut envelope = conformance::envelope("00000000-0000-4000-8000-0000000000b1", "order-1", 1);
-    envelope["payload"]["note"] = serde_json::json!("tab\there, newline\nthere, backslash \\ and \"quotes\"");
-    let pretty = serde_json::to_string_pretty(&envelope).unwrap().replace("  ", "\t");
+    envelope["payload"]["note"] =
+        serde_json::json!("tab\there, newline\nthere, backslash \\ and \"quotes\"");
+    let pretty = serde_json::to_string_pretty(&envelope)
+        .unwrap()
+        .replace("  ", "\t");
     let batch = batch_of(&[pretty]);
     store
-        .write_batch(WriteBatch { key: &key("g"), expected: None, batch: &batch, writer: "t" })
+        .write_batch(WriteBatch {
+            key: &key("g"),
+            expected: None,
+            batch: &batch,
+            writer: "t",
+        })
         .await
         .unwrap();
     let stored: serde_json::Value = sqlx::query_scalar("SELECT payload FROM events")
