@@ -1306,3 +1306,67 @@ async fn a_transient_error_mid_fetch_after_a_stored_offset_is_recovered() {
     actor.stop_and_wait(None, None).await.expect("stops");
     assert_exactly_once(&memory, 0, &log);
 }
+
+/// Writes for one partition hang until released; the others go through.
+struct StallingStore {
+    inner: Arc<MemoryStore>,
+    stalled_partition: i32,
+    release: Arc<Notify>,
+}
+
+#[async_trait]
+impl EventStore for StallingStore {
+    async fn stored_offset(&self, key: &OffsetKey) -> Result<Option<i64>, StoreError> {
+        self.inner.stored_offset(key).await
+    }
+
+    async fn write_batch(&self, write: WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
+        if write.key.partition == self.stalled_partition {
+            self.release.notified().await;
+        }
+        self.inner.write_batch(write).await
+    }
+}
+
+/// Timeline: four partitions → every write of partition 0 hangs (a slow
+/// store for that partition) → partitions 1-3 still drain completely, since
+/// partition 0 holds at most one of the node's in-flight permits → release
+/// → partition 0 drains too.
+#[tokio::test(start_paused = true)]
+async fn one_slow_partition_does_not_stall_the_others() {
+    let logs: Vec<Vec<RawRecord>> = (0..4).map(|p| make_log(p, 40)).collect();
+    let sources: Vec<_> = logs
+        .iter()
+        .enumerate()
+        .map(|(p, log)| MemSource::new(p as i32, log.clone()))
+        .collect();
+    let memory = Arc::new(MemoryStore::new());
+    let release = Arc::new(Notify::new());
+    let store = Arc::new(StallingStore {
+        inner: memory.clone(),
+        stalled_partition: 0,
+        release: release.clone(),
+    });
+    let connector = TestConnector::new(sources);
+    let (consumer, _, _events) = spawn_consumer(connector, store).await;
+
+    wait_until("partitions 1-3 drained", Duration::from_secs(30), || {
+        (1..4).all(|p| stored(&memory, p) == Some(40))
+    })
+    .await;
+    assert_eq!(stored(&memory, 0), None, "partition 0 is still stalled");
+
+    // Let partition 0 go, one write at a time.
+    wait_until("partition 0 drained", Duration::from_secs(30), || {
+        release.notify_waiters();
+        stored(&memory, 0) == Some(40)
+    })
+    .await;
+    consumer
+        .stop_and_wait(None, None)
+        .await
+        .expect("consumer stops");
+    for (p, log) in logs.iter().enumerate() {
+        assert_exactly_once(&memory, p as i32, log);
+    }
+}

@@ -26,12 +26,7 @@ async fn stores_100k_records_exactly_once() {
         &dir,
     );
     let produced = produce(&kafka.bootstrap, &topic, 100_000, 0.02, 0.01, 7).await;
-    wait_until("all records stored", Duration::from_secs(240), || {
-        let pool = pool.clone();
-        let group = group.clone();
-        async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
-    })
-    .await;
+    wait_all_stored(&pool, &group, produced, Duration::from_secs(240)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once");
@@ -56,12 +51,7 @@ async fn malformed_records_become_dead_letters_with_reasons() {
         &dir,
     );
     let produced = produce(&kafka.bootstrap, &topic, 3_000, 0.3, 0.05, 11).await;
-    wait_until("all records stored", Duration::from_secs(120), || {
-        let pool = pool.clone();
-        let group = group.clone();
-        async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
-    })
-    .await;
+    wait_all_stored(&pool, &group, produced, Duration::from_secs(120)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once");
@@ -141,12 +131,7 @@ async fn survives_kill_9_mid_stream() {
     }
     let _node = Proc::spawn("node-1-final", &args, &dir);
     let produced = producer.await.expect("producer task");
-    wait_until("all records stored", Duration::from_secs(240), || {
-        let pool = pool.clone();
-        let group = group.clone();
-        async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
-    })
-    .await;
+    wait_all_stored(&pool, &group, produced, Duration::from_secs(240)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once after kill -9");
@@ -196,12 +181,7 @@ async fn second_node_takes_over_a_killed_nodes_partitions() {
     .await;
     node1.kill9();
     let produced = producer.await.expect("producer task");
-    wait_until("all records stored", Duration::from_secs(240), || {
-        let pool = pool.clone();
-        let group = group.clone();
-        async move { stored(&pool, &group).await.offsets == produced.produced as i64 }
-    })
-    .await;
+    wait_all_stored(&pool, &group, produced, Duration::from_secs(240)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once after a member died");

@@ -271,6 +271,14 @@ pub async fn stored(pool: &PgPool, group: &str) -> Stored {
     }
 }
 
+/// Waits until the group's stored offsets cover every produced record.
+pub async fn wait_all_stored(pool: &PgPool, group: &str, produced: Produced, timeout: Duration) {
+    wait_until("all records stored", timeout, || async move {
+        stored(pool, group).await.offsets == produced.produced as i64
+    })
+    .await;
+}
+
 /// The exactly-once invariant over the whole store: every offset of every
 /// partition is in exactly one of the three tables, no gaps, no overlaps,
 /// and no event_id twice.
