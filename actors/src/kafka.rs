@@ -427,6 +427,21 @@ impl RecordSource for KafkaPartitionSource {
         .map_err(|e| SourceError::Fatal(e.to_string()))?
     }
 
+    async fn end_offset(&self) -> Result<Option<i64>, SourceError> {
+        let consumer = self.consumer.clone();
+        let (topic, partition) = (self.topic.clone(), self.partition);
+        tokio::task::spawn_blocking(move || {
+            consumer
+                .fetch_watermarks(&topic, partition, Duration::from_secs(10))
+                .map(|(_low, high)| Some(high))
+                .map_err(|e| {
+                    SourceError::Transient(format!("watermarks of {topic}/{partition}: {e}"))
+                })
+        })
+        .await
+        .map_err(|e| SourceError::Fatal(e.to_string()))?
+    }
+
     fn pause(&self) -> Result<(), SourceError> {
         self.consumer
             .pause(&self.tpl(None))

@@ -158,6 +158,26 @@ impl PartitionState {
     async fn position_at_stored_offset(&mut self) -> Result<Option<Duration>, PartitionError> {
         match self.store.stored_offset(&self.key).await {
             Ok(stored) => {
+                let end = match self.source.end_offset().await {
+                    Ok(end) => end,
+                    Err(SourceError::Transient(e)) => {
+                        telemetry::source_error(&self.key.topic, self.key.partition, &e);
+                        return Ok(Some(self.config.write_retry_base));
+                    }
+                    Err(fatal) => return Err(fatal.into()),
+                };
+                if let (Some(stored), Some(end)) = (stored, end) {
+                    if stored > end {
+                        // Skipping would drop every record below `stored`
+                        // silently: refuse, and let the operator decide.
+                        return Err(PartitionError::Source(SourceError::Fatal(format!(
+                            "the stored offset {stored} of {}/{} (group {}) is beyond the end of the Kafka log ({end}): \
+                             the topic was deleted and recreated, or this database belongs to another cluster; \
+                             nothing was skipped. Ingest the new log under another --group-id",
+                            self.key.topic, self.key.partition, self.key.group_id
+                        ))));
+                    }
+                }
                 self.source.seek(stored).await?;
                 self.expected = stored;
                 self.positioned = true;

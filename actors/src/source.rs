@@ -40,6 +40,13 @@ pub trait RecordSource: Send + Sync + 'static {
     fn pause(&self) -> Result<(), SourceError>;
     fn resume(&self) -> Result<(), SourceError>;
 
+    /// The offset after the last record in the log (the high watermark), if
+    /// the source can tell: a stored offset beyond it means the log is not
+    /// the one the store has seen (topic recreated, another cluster).
+    async fn end_offset(&self) -> Result<Option<i64>, SourceError> {
+        Ok(None)
+    }
+
     /// Tells the broker how far this partition is durably stored. For lag
     /// tooling only: the store's own offset is the truth.
     fn commit(&self, next_offset: i64);

@@ -4,12 +4,9 @@
 //! replaced); otherwise the local server's Unix socket is used.
 
 use rand::Rng;
-use sqlx::{ConnectOptions, Connection, Executor};
 
 use crate::error::StoreError;
-use crate::store::postgres::{
-    connect_options, create_database_if_missing, local_database_url, migrate,
-};
+use crate::store::postgres::{create_database_if_missing, local_database_url, migrate};
 
 /// A freshly created, migrated database with a random name. Dropped (best
 /// effort) by [`TestDatabase::drop_database`]; leftovers are named
@@ -33,15 +30,7 @@ impl TestDatabase {
     }
 
     pub async fn drop_database(self) {
-        let Ok(options) = connect_options(&self.url) else {
-            return;
-        };
-        if let Ok(mut admin) = options.database("postgres").connect().await {
-            let _ = admin
-                .execute(format!("DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)", self.name).as_str())
-                .await;
-            let _ = admin.close().await;
-        }
+        crate::store::postgres::drop_database(&self.url).await;
     }
 }
 

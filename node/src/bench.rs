@@ -12,7 +12,7 @@ use audit_ledger::envelope::{parse, ParseOptions};
 use audit_ledger::store::postgres::{self, encode_copy_row, local_database_url, COPY_EVENTS};
 use audit_ledger::RawRecord;
 use rand::Rng;
-use sqlx::{ConnectOptions, Connection, Executor};
+use sqlx::{ConnectOptions, Connection};
 
 use crate::settings::{FileConfig, Identity, NodeSettings, Tuning};
 use crate::{mock, node, produce, traffic};
@@ -198,7 +198,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
 
     if !args.keep_databases {
         for url in [&ingest_db, &copy_db] {
-            drop_database(url).await;
+            postgres::drop_database(url).await;
         }
     }
     let n = args.events as f64;
@@ -323,19 +323,4 @@ async fn copy_ceiling(url: &str, chunks: Arc<Vec<String>>, streams: usize) -> an
         task.await??;
     }
     Ok(started.elapsed().as_secs_f64())
-}
-
-async fn drop_database(url: &str) {
-    let Ok(options) = postgres::connect_options(url) else {
-        return;
-    };
-    let Some(name) = options.get_database().map(str::to_string) else {
-        return;
-    };
-    if let Ok(mut admin) = options.database("postgres").connect().await {
-        let _ = admin
-            .execute(format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)").as_str())
-            .await;
-        let _ = admin.close().await;
-    }
 }

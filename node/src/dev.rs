@@ -60,6 +60,23 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .database_url
         .clone()
         .unwrap_or_else(|| local_database_url(DEV_DATABASE));
+    // The embedded cluster is new on every run and its offsets start at 0
+    // again: data of an earlier run would not line up with it.
+    if postgres::group_has_offsets(&database_url, DEV_GROUP).await? {
+        if args.database_url.is_some() {
+            anyhow::bail!(
+                "{} holds an earlier dev run (consumer group {DEV_GROUP}) whose embedded Kafka cluster is gone; \
+                 its offsets would not match the new cluster. Use a fresh database, or omit --database-url to \
+                 let dev recreate its own",
+                postgres::redact_url(&database_url)
+            );
+        }
+        postgres::drop_database(&database_url).await;
+        println!(
+            "note: recreated the dev database {DEV_DATABASE}: the embedded Kafka cluster is new on every run, \
+             so an earlier run's data would not line up with it"
+        );
+    }
     if postgres::create_database_if_missing(&database_url).await? {
         tracing::info!(database = %postgres::redact_url(&database_url), "database created");
     }

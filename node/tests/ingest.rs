@@ -248,3 +248,50 @@ async fn exactly_once_checker_catches_planted_bugs() {
     pool.close().await;
     db.drop_database().await;
 }
+
+/// A topic deleted and recreated (here: a new cluster with the same topic)
+/// restarts its offsets at 0 while the store remembers more: the node must
+/// refuse loudly instead of skipping the new records as "already stored".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refuses_a_log_shorter_than_the_stored_offsets() {
+    let dir = scratch_dir();
+    let topic = random_name("orders");
+    let group = random_name("group");
+    let db = TestDatabase::create().await.expect("test database");
+    let pool = admin_pool(&db).await;
+    let config = dir.join("node.toml");
+    std::fs::write(
+        &config,
+        "[restart]\nmax_restarts = 1\nbase_backoff_ms = 50\n",
+    )
+    .unwrap();
+    let mut args = run_args("", &topic, &group, &db, "node-1");
+    args.extend(["--config".to_string(), config.display().to_string()]);
+
+    let first = MockKafka::start(&topic, 2, &dir).await;
+    args[2] = first.bootstrap.clone();
+    let mut node = Proc::spawn("node-first", &args, &dir);
+    let produced = produce(&first.bootstrap, &topic, 500, 0.0, 0.0, 1).await;
+    wait_all_stored(&pool, &group, produced, Duration::from_secs(120)).await;
+    assert!(node.terminate().success());
+    drop(first);
+
+    let second = MockKafka::start(&topic, 2, &scratch_dir()).await;
+    args[2] = second.bootstrap.clone();
+    produce(&second.bootstrap, &topic, 100, 0.0, 0.0, 2).await;
+    let mut node = Proc::spawn("node-second", &args, &dir);
+    wait_until("the node to give up", Duration::from_secs(120), || {
+        let running = node.is_running();
+        async move { !running }
+    })
+    .await;
+    let log = node.log_text();
+    assert!(log.contains("beyond the end of the Kafka log"), "{log}");
+    assert_eq!(
+        stored(&pool, &group).await.events,
+        500,
+        "nothing of the new log was skipped or stored"
+    );
+    pool.close().await;
+    db.drop_database().await;
+}

@@ -115,6 +115,48 @@ pub async fn create_database_if_missing(url: &str) -> Result<bool, StoreError> {
     Ok(!exists)
 }
 
+/// Drops the database named in `url` (best effort, connections forced out).
+pub async fn drop_database(url: &str) {
+    let Ok(options) = connect_options(url) else {
+        return;
+    };
+    let Some(name) = options.get_database().map(str::to_string) else {
+        return;
+    };
+    if let Ok(mut admin) = options.database("postgres").connect().await {
+        let statement = format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote_ident(&name)
+        );
+        let _ = admin.execute(statement.as_str()).await;
+        let _ = admin.close().await;
+    }
+}
+
+/// Whether a consumer group has stored offsets in the database of `url`
+/// (false when the database or the table does not exist yet).
+pub async fn group_has_offsets(url: &str, group_id: &str) -> Result<bool, StoreError> {
+    let mut conn = match connect_options(url)?.connect().await {
+        Ok(conn) => conn,
+        Err(sqlx::Error::Database(db)) if db.code().as_deref() == Some("3D000") => {
+            return Ok(false)
+        }
+        Err(e) => return Err(unreachable(url, e)),
+    };
+    let exists: bool = sqlx::query_scalar("SELECT to_regclass('consumer_offsets') IS NOT NULL")
+        .fetch_one(&mut conn)
+        .await?;
+    let has = exists
+        && sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM consumer_offsets WHERE group_id = $1)",
+        )
+        .bind(group_id)
+        .fetch_one(&mut conn)
+        .await?;
+    let _ = conn.close().await;
+    Ok(has)
+}
+
 /// Applies the embedded migrations with the login role of `url`.
 pub async fn migrate(url: &str) -> Result<(), StoreError> {
     let mut conn = connect_options(url)?
