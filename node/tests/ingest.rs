@@ -13,45 +13,28 @@ use common::*;
 /// retries mixed in, are stored exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_100k_records_exactly_once() {
-    let dir = scratch_dir();
-    let topic = random_name("orders");
-    let group = random_name("group");
-    let kafka = MockKafka::start(&topic, 16, &dir).await;
-    let db = TestDatabase::create().await.expect("test database");
-    let pool = admin_pool(&db).await;
+    let h = Harness::start(16).await;
+    let pool = h.pool.clone();
 
-    let _node = Proc::spawn(
-        "node-1",
-        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
-        &dir,
-    );
-    let produced = produce(&kafka.bootstrap, &topic, 100_000, 0.02, 0.01, 7).await;
-    wait_all_stored(&pool, &group, produced, Duration::from_secs(240)).await;
+    let _node = h.node("node-1");
+    let produced = h.produce(100_000, 0.02, 0.01, 7).await;
+    h.wait_all_stored(produced, Duration::from_secs(240)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once");
-    pool.close().await;
-    db.drop_database().await;
+    h.finish().await;
 }
 
 /// Malformed records become dead letters with the reason a producer team
 /// needs, and keep their raw bytes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_records_become_dead_letters_with_reasons() {
-    let dir = scratch_dir();
-    let topic = random_name("orders");
-    let group = random_name("group");
-    let kafka = MockKafka::start(&topic, 4, &dir).await;
-    let db = TestDatabase::create().await.expect("test database");
-    let pool = admin_pool(&db).await;
+    let h = Harness::start(4).await;
+    let pool = h.pool.clone();
 
-    let _node = Proc::spawn(
-        "node-1",
-        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
-        &dir,
-    );
-    let produced = produce(&kafka.bootstrap, &topic, 3_000, 0.3, 0.05, 11).await;
-    wait_all_stored(&pool, &group, produced, Duration::from_secs(120)).await;
+    let _node = h.node("node-1");
+    let produced = h.produce(3_000, 0.3, 0.05, 11).await;
+    h.wait_all_stored(produced, Duration::from_secs(120)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once");
@@ -96,29 +79,22 @@ async fn malformed_records_become_dead_letters_with_reasons() {
         conflict.contains("already stored") && conflict.contains("different content"),
         "{conflict}"
     );
-    pool.close().await;
-    db.drop_database().await;
+    h.finish().await;
 }
 
 /// `kill -9` of the node mid-stream, twice, then a restart: every record
 /// exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn survives_kill_9_mid_stream() {
-    let dir = scratch_dir();
-    let topic = random_name("orders");
-    let group = random_name("group");
-    let kafka = MockKafka::start(&topic, 16, &dir).await;
-    let db = TestDatabase::create().await.expect("test database");
-    let pool = admin_pool(&db).await;
-    let args = run_args(&kafka.bootstrap, &topic, &group, &db, "node-1");
-
+    let h = Harness::start(16).await;
+    let (pool, group) = (h.pool.clone(), h.group.clone());
     let producer = tokio::spawn({
-        let bootstrap = kafka.bootstrap.clone();
-        let topic = topic.clone();
+        let bootstrap = h.kafka.bootstrap.clone();
+        let topic = h.topic.clone();
         async move { produce(&bootstrap, &topic, 60_000, 0.02, 0.01, 21).await }
     });
     for round in 0..2 {
-        let mut node = Proc::spawn(&format!("node-1-{round}"), &args, &dir);
+        let mut node = h.node(&format!("node-1-{round}"));
         // Kill once this incarnation has stored something new.
         let before = stored(&pool, &group).await.offsets;
         wait_until("progress before the kill", Duration::from_secs(120), || {
@@ -129,40 +105,27 @@ async fn survives_kill_9_mid_stream() {
         .await;
         node.kill9();
     }
-    let _node = Proc::spawn("node-1-final", &args, &dir);
+    let _node = h.node("node-1-final");
     let produced = producer.await.expect("producer task");
-    wait_all_stored(&pool, &group, produced, Duration::from_secs(240)).await;
+    h.wait_all_stored(produced, Duration::from_secs(240)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once after kill -9");
-    pool.close().await;
-    db.drop_database().await;
+    h.finish().await;
 }
 
 /// Two nodes share the group; one is killed mid-stream and the other takes
 /// over its partitions: totals are exact.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn second_node_takes_over_a_killed_nodes_partitions() {
-    let dir = scratch_dir();
-    let topic = random_name("orders");
-    let group = random_name("group");
-    let kafka = MockKafka::start(&topic, 16, &dir).await;
-    let db = TestDatabase::create().await.expect("test database");
-    let pool = admin_pool(&db).await;
+    let h = Harness::start(16).await;
+    let pool = h.pool.clone();
 
-    let mut node1 = Proc::spawn(
-        "node-1",
-        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
-        &dir,
-    );
-    let _node2 = Proc::spawn(
-        "node-2",
-        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-2"),
-        &dir,
-    );
+    let mut node1 = h.node("node-1");
+    let _node2 = h.node("node-2");
     let producer = tokio::spawn({
-        let bootstrap = kafka.bootstrap.clone();
-        let topic = topic.clone();
+        let bootstrap = h.kafka.bootstrap.clone();
+        let topic = h.topic.clone();
         async move { produce(&bootstrap, &topic, 60_000, 0.02, 0.01, 33).await }
     });
     // Both nodes write before one dies.
@@ -181,12 +144,11 @@ async fn second_node_takes_over_a_killed_nodes_partitions() {
     .await;
     node1.kill9();
     let produced = producer.await.expect("producer task");
-    wait_all_stored(&pool, &group, produced, Duration::from_secs(240)).await;
+    h.wait_all_stored(produced, Duration::from_secs(240)).await;
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once after a member died");
-    pool.close().await;
-    db.drop_database().await;
+    h.finish().await;
 }
 
 /// The exactly-once checker is not vacuous: planted bugs (an offset stored

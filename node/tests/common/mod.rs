@@ -342,6 +342,69 @@ async fn count(pool: &PgPool, table: &str) -> Result<u64, String> {
     Ok(n as u64)
 }
 
+/// One test's world: a mock Kafka cluster with a random topic, a random
+/// consumer group, a fresh database and a pool on it as its owner.
+pub struct Harness {
+    pub dir: PathBuf,
+    pub topic: String,
+    pub group: String,
+    pub kafka: MockKafka,
+    pub db: TestDatabase,
+    pub pool: PgPool,
+}
+
+impl Harness {
+    pub async fn start(partitions: i32) -> Self {
+        let dir = scratch_dir();
+        let topic = random_name("orders");
+        let group = random_name("group");
+        let kafka = MockKafka::start(&topic, partitions, &dir).await;
+        let db = TestDatabase::create().await.expect("test database");
+        let pool = admin_pool(&db).await;
+        Self {
+            dir,
+            topic,
+            group,
+            kafka,
+            db,
+            pool,
+        }
+    }
+
+    /// `audit-node run` in this world.
+    pub fn node(&self, node_id: &str) -> Proc {
+        let args = run_args(
+            &self.kafka.bootstrap,
+            &self.topic,
+            &self.group,
+            &self.db,
+            node_id,
+        );
+        Proc::spawn(node_id, &args, &self.dir)
+    }
+
+    pub async fn produce(&self, count: u64, invalid: f64, duplicate: f64, seed: u64) -> Produced {
+        produce(
+            &self.kafka.bootstrap,
+            &self.topic,
+            count,
+            invalid,
+            duplicate,
+            seed,
+        )
+        .await
+    }
+
+    pub async fn wait_all_stored(&self, produced: Produced, timeout: Duration) {
+        wait_all_stored(&self.pool, &self.group, produced, timeout).await;
+    }
+
+    pub async fn finish(self) {
+        self.pool.close().await;
+        self.db.drop_database().await;
+    }
+}
+
 pub async fn admin_pool(db: &TestDatabase) -> PgPool {
     sqlx::postgres::PgPoolOptions::new()
         .max_connections(2)
