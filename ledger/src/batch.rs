@@ -21,6 +21,7 @@ pub struct PreparedBatch {
 
 impl PreparedBatch {
     /// Parses records that must be consecutive offsets of one partition.
+    #[allow(clippy::result_large_err)] // see envelope::parse
     pub fn parse(records: Vec<RawRecord>, options: &ParseOptions) -> Option<Self> {
         let next_offset = records.last()?.offset + 1;
         Some(Self {

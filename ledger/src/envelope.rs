@@ -204,6 +204,9 @@ impl DeadLetter {
 }
 
 /// Parses and validates one record.
+// A dead letter is an ordinary outcome here, not a rare error path: boxing
+// it would only add an allocation per rejected record.
+#[allow(clippy::result_large_err)]
 pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLetter> {
     let dead = |reason| DeadLetter::from_record(record, None, reason);
     let is_binary_cloudevent = record.header("ce_specversion").is_some();

@@ -542,31 +542,6 @@ fn copy_text(out: &mut String, value: &str) {
     out.push_str(&value[start..]);
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redacts_passwords() {
-        assert_eq!(
-            redact_url("postgres://audit:s3cret@db:5432/audit?sslmode=require"),
-            "postgres://audit:***@db:5432/audit?sslmode=require"
-        );
-        assert_eq!(
-            redact_url("postgres://audit@db/audit"),
-            "postgres://audit@db/audit"
-        );
-        assert_eq!(redact_url("postgres:///audit"), "postgres:///audit");
-    }
-
-    #[test]
-    fn copy_text_escapes_separators() {
-        let mut out = String::new();
-        copy_text(&mut out, "a\tb\nc\\d\re");
-        assert_eq!(out, "a\\tb\\nc\\\\d\\re");
-    }
-}
-
 /// The local PostgreSQL server through its Unix socket, as the current OS
 /// user (PostgreSQL's usual peer authentication), for `dev` and the tests.
 pub fn local_database_url(database: &str) -> String {
@@ -595,5 +570,30 @@ fn os_user_name() -> Option<String> {
             .to_str()
             .ok()
             .map(str::to_string)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact_url("postgres://audit:s3cret@db:5432/audit?sslmode=require"),
+            "postgres://audit:***@db:5432/audit?sslmode=require"
+        );
+        assert_eq!(
+            redact_url("postgres://audit@db/audit"),
+            "postgres://audit@db/audit"
+        );
+        assert_eq!(redact_url("postgres:///audit"), "postgres:///audit");
+    }
+
+    #[test]
+    fn copy_text_escapes_separators() {
+        let mut out = String::new();
+        copy_text(&mut out, "a\tb\nc\\d\re");
+        assert_eq!(out, "a\\tb\\nc\\\\d\\re");
     }
 }
