@@ -53,6 +53,8 @@ async fn events_are_append_only() {
             "TRUNCATE events_default",
             "UPDATE dead_letters SET reason = 'x'",
             "DELETE FROM duplicates",
+            "DELETE FROM event_ids",
+            "UPDATE event_ids SET content_hash = '\\x00'",
         ] {
             let result = sqlx::query(statement).execute(store.pool()).await;
             let error = result.expect_err(statement).to_string();
@@ -247,6 +249,77 @@ async fn pretty_printed_payloads_are_stored_intact() {
         .await
         .unwrap();
     assert_eq!(stored, envelope["payload"]);
+    store.pool().close().await;
+    db.drop_database().await;
+}
+
+/// One id on two partitions with different content and different
+/// occurred_at (which the partitioned table's unique key cannot see): the
+/// second is a conflict, and concurrent writers cannot both store it.
+#[tokio::test]
+async fn an_event_id_is_unique_across_partitions() {
+    use audit_ledger::{EventStore, WriteBatch, WriteOutcome};
+    let db = TestDatabase::create().await.expect("test database");
+    let store = PgEventStore::connect(&PgConfig::new(&db.url))
+        .await
+        .unwrap();
+    let id = "00000000-0000-4000-8000-0000000000c1";
+    let mut first = conformance::envelope(id, "order-1", 1);
+    first["occurred_at"] = serde_json::json!("2026-01-15T10:00:00Z");
+    let mut second = conformance::envelope(id, "order-1", 2);
+    second["occurred_at"] = serde_json::json!("2026-11-15T10:00:00Z");
+    let batch = |partition: i32, value: &serde_json::Value| {
+        audit_ledger::PreparedBatch::parse(
+            vec![conformance::record(
+                "orders",
+                partition,
+                0,
+                value.to_string().as_bytes(),
+            )],
+            &audit_ledger::ParseOptions::default(),
+        )
+        .unwrap()
+    };
+    let (a, b) = (batch(0, &first), batch(1, &second));
+    let key_a = audit_ledger::OffsetKey {
+        group_id: "g".into(),
+        topic: "orders".into(),
+        partition: 0,
+    };
+    let key_b = audit_ledger::OffsetKey {
+        partition: 1,
+        ..key_a.clone()
+    };
+    // Both at once: one stores the event, the other gets the conflict.
+    let (ra, rb) = tokio::join!(
+        store.write_batch(WriteBatch {
+            key: &key_a,
+            expected: None,
+            batch: &a,
+            writer: "a"
+        }),
+        store.write_batch(WriteBatch {
+            key: &key_b,
+            expected: None,
+            batch: &b,
+            writer: "b"
+        }),
+    );
+    let stats = |r: Result<WriteOutcome, audit_ledger::StoreError>| match r.expect("write") {
+        WriteOutcome::Committed(s) => (s.events, s.dead_letters),
+        other => panic!("{other:?}"),
+    };
+    let (sa, sb) = (stats(ra), stats(rb));
+    assert_eq!(sa.0 + sb.0, 1, "exactly one event stored: {sa:?} {sb:?}");
+    assert_eq!(sa.1 + sb.1, 1, "exactly one conflict: {sa:?} {sb:?}");
+    let (events, reason): (i64, String) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM events WHERE event_id = $1::uuid), (SELECT reason_code FROM dead_letters)",
+    )
+    .bind(id)
+    .fetch_one(store.pool())
+    .await
+    .unwrap();
+    assert_eq!((events, reason.as_str()), (1, "event_id_conflict"));
     store.pool().close().await;
     db.drop_database().await;
 }

@@ -4,7 +4,7 @@
 //! where this writer expects it (fencing), classify against stored events,
 //! COPY the new events, insert dead letters and duplicates, move the offset.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::str::FromStr;
 use std::time::Duration;
@@ -289,67 +289,49 @@ impl EventStore for PgEventStore {
             return Ok(WriteOutcome::Fenced { stored });
         }
 
-        let ids = write.batch.event_ids();
-        let mut existing = HashMap::new();
-        if !ids.is_empty() {
-            let rows = sqlx::query(
-                "SELECT event_id, content_hash, seq, kafka_topic, kafka_partition, kafka_offset
-                 FROM events WHERE event_id = ANY($1)",
-            )
-            .bind(&ids)
-            .fetch_all(&mut *tx)
-            .await?;
-            for row in rows {
-                let id: Uuid = row.try_get(0)?;
-                let hash: Vec<u8> = row.try_get(1)?;
-                let seq: i64 = row.try_get(2)?;
-                existing.insert(
-                    id,
-                    ExistingEvent {
-                        content_hash: hash.try_into().unwrap_or([0; 32]),
-                        location: format!("seq {seq}"),
-                        position: (row.try_get(3)?, row.try_get(4)?, row.try_get(5)?),
-                    },
-                );
-            }
-        }
+        // Claim the batch's new ids in `event_ids`; ids it already holds
+        // are looked up there and classified (duplicate, conflict, re-read).
+        let candidates = classify(write.batch, &HashMap::new()).events;
+        sqlx::query("SAVEPOINT claim").execute(&mut *tx).await?;
+        let claimed = claim_ids(&mut tx, &candidates).await?;
+        let taken: Vec<Uuid> = candidates
+            .iter()
+            .map(|e| e.event_id)
+            .filter(|id| !claimed.contains(id))
+            .collect();
+        let existing = existing_ids(&mut tx, &taken).await?;
         let Classified {
             mut events,
             mut dead_letters,
             duplicates,
         } = classify(write.batch, &existing);
 
-        if !events.is_empty() {
-            sqlx::query("SAVEPOINT copy_events")
-                .execute(&mut *tx)
-                .await?;
-            match copy_events(&mut tx, &events).await {
-                Ok(()) => {}
-                Err(StoreError::Data(_)) => {
-                    // Some row passed validation but the database refuses it:
-                    // find it row by row, so one record never stalls a partition.
-                    sqlx::query("ROLLBACK TO SAVEPOINT copy_events")
-                        .execute(&mut *tx)
-                        .await?;
-                    let (kept, refused) = isolate_refused(&mut tx, events).await?;
-                    events = kept;
-                    for (event, error) in refused {
-                        let record = write
-                            .batch
-                            .records
-                            .iter()
-                            .find(|r| r.offset == event.kafka_offset);
-                        if let Some(record) = record {
-                            dead_letters.push(DeadLetter::from_record(
-                                record,
-                                Some(event.event_id),
-                                DeadLetterReason::RejectedByDatabase { error },
-                            ));
-                        }
+        match copy_events(&mut tx, &events).await {
+            Ok(()) => {}
+            Err(StoreError::Data(_)) => {
+                // Some row passed validation but the database refuses it:
+                // find it row by row, so one record never stalls a partition.
+                sqlx::query("ROLLBACK TO SAVEPOINT claim")
+                    .execute(&mut *tx)
+                    .await?;
+                let (kept, refused) = isolate_refused(&mut tx, events).await?;
+                events = kept;
+                for (event, error) in refused {
+                    let record = write
+                        .batch
+                        .records
+                        .iter()
+                        .find(|r| r.offset == event.kafka_offset);
+                    if let Some(record) = record {
+                        dead_letters.push(DeadLetter::from_record(
+                            record,
+                            Some(event.event_id),
+                            DeadLetterReason::RejectedByDatabase { error },
+                        ));
                     }
                 }
-                Err(other) => return Err(other),
             }
+            Err(other) => return Err(other),
         }
         // ON CONFLICT DO NOTHING: a position already accounted for (another
         // consumer group re-reading the topic) is not counted twice.
@@ -408,7 +390,75 @@ impl EventStore for PgEventStore {
     }
 }
 
+/// Inserts the events' ids into `event_ids`; returns those that were new.
+async fn claim_ids(
+    conn: &mut sqlx::PgConnection,
+    events: &[&Event],
+) -> Result<HashSet<Uuid>, StoreError> {
+    if events.is_empty() {
+        return Ok(HashSet::new());
+    }
+    let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
+    let hashes: Vec<Vec<u8>> = events.iter().map(|e| e.content_hash.to_vec()).collect();
+    let times: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.occurred_at).collect();
+    let topics: Vec<&str> = events.iter().map(|e| e.kafka_topic.as_str()).collect();
+    let partitions: Vec<i32> = events.iter().map(|e| e.kafka_partition).collect();
+    let offsets: Vec<i64> = events.iter().map(|e| e.kafka_offset).collect();
+    let claimed: Vec<Uuid> = sqlx::query_scalar(
+        "INSERT INTO event_ids (event_id, content_hash, occurred_at, kafka_topic, kafka_partition, kafka_offset)
+         SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[])
+         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    )
+    .bind(&ids)
+    .bind(&hashes)
+    .bind(&times)
+    .bind(&topics)
+    .bind(&partitions)
+    .bind(&offsets)
+    .fetch_all(&mut *conn)
+    .await?;
+    Ok(claimed.into_iter().collect())
+}
+
+/// What `event_ids` holds for ids a batch could not claim.
+async fn existing_ids(
+    conn: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<HashMap<Uuid, ExistingEvent>, StoreError> {
+    let mut existing = HashMap::new();
+    if ids.is_empty() {
+        return Ok(existing);
+    }
+    let rows = sqlx::query(
+        "SELECT event_id, content_hash, kafka_topic, kafka_partition, kafka_offset
+         FROM event_ids WHERE event_id = ANY($1)",
+    )
+    .bind(ids)
+    .fetch_all(&mut *conn)
+    .await?;
+    for row in rows {
+        let id: Uuid = row.try_get(0)?;
+        let hash: Vec<u8> = row.try_get(1)?;
+        let position: (String, i32, i64) = (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
+        existing.insert(
+            id,
+            ExistingEvent {
+                content_hash: hash.try_into().unwrap_or([0; 32]),
+                location: format!(
+                    "at {} partition {} offset {}",
+                    position.0, position.1, position.2
+                ),
+                position,
+            },
+        );
+    }
+    Ok(existing)
+}
+
 async fn copy_events(conn: &mut sqlx::PgConnection, events: &[&Event]) -> Result<(), StoreError> {
+    if events.is_empty() {
+        return Ok(());
+    }
     let mut buffer = String::with_capacity(events.len() * 1024);
     for event in events {
         encode_copy_row(&mut buffer, event);
