@@ -112,7 +112,7 @@ fn batch_of(values: &[String]) -> audit_ledger::PreparedBatch {
 /// dead letter; the rest of its batch is stored and the partition goes on.
 #[tokio::test]
 async fn a_row_the_database_refuses_becomes_a_dead_letter() {
-    use audit_ledger::{EventStore, WriteBatch, WriteOutcome};
+    use audit_ledger::WriteOutcome;
     let db = TestDatabase::create().await.expect("test database");
     let owner = PgEventStore::connect(&PgConfig {
         role: None,
@@ -134,15 +134,7 @@ async fn a_row_the_database_refuses_becomes_a_dead_letter() {
         conformance::envelope("00000000-0000-4000-8000-000000000003", "order-3", 3).to_string(),
     ];
     let batch = batch_of(&values);
-    let outcome = store
-        .write_batch(WriteBatch {
-            key: &key("g"),
-            expected: None,
-            batch: &batch,
-            writer: "t",
-        })
-        .await
-        .expect("the batch is written, not failed");
+    let outcome = conformance::write(&store, &key("g"), None, &batch).await;
     assert_eq!(
         outcome,
         WriteOutcome::Committed(audit_ledger::BatchStats {
@@ -168,7 +160,7 @@ async fn a_row_the_database_refuses_becomes_a_dead_letter() {
 /// is stored or counted twice, and it does not loop on unique keys.
 #[tokio::test]
 async fn a_second_group_rereading_the_topic_converges() {
-    use audit_ledger::{EventStore, WriteBatch, WriteOutcome};
+    use audit_ledger::WriteOutcome;
     let db = TestDatabase::create().await.expect("test database");
     let store = PgEventStore::connect(&PgConfig::new(&db.url))
         .await
@@ -176,15 +168,7 @@ async fn a_second_group_rereading_the_topic_converges() {
     let a = conformance::envelope("00000000-0000-4000-8000-00000000000a", "order-1", 1).to_string();
     let values = vec![a.clone(), "{bad".to_string(), a];
     let batch = batch_of(&values);
-    let first = store
-        .write_batch(WriteBatch {
-            key: &key("g1"),
-            expected: None,
-            batch: &batch,
-            writer: "t",
-        })
-        .await
-        .unwrap();
+    let first = conformance::write(&store, &key("g1"), None, &batch).await;
     assert_eq!(
         first,
         WriteOutcome::Committed(audit_ledger::BatchStats {
@@ -193,15 +177,7 @@ async fn a_second_group_rereading_the_topic_converges() {
             duplicates: 1
         })
     );
-    let second = store
-        .write_batch(WriteBatch {
-            key: &key("g2"),
-            expected: None,
-            batch: &batch,
-            writer: "t",
-        })
-        .await
-        .expect("no unique-key failure");
+    let second = conformance::write(&store, &key("g2"), None, &batch).await;
     assert_eq!(
         second,
         WriteOutcome::Committed(audit_ledger::BatchStats {
@@ -223,7 +199,6 @@ async fn a_second_group_rereading_the_topic_converges() {
 /// text) is stored intact: the COPY encoding escapes the raw JSON text.
 #[tokio::test]
 async fn pretty_printed_payloads_are_stored_intact() {
-    use audit_ledger::{EventStore, WriteBatch};
     let db = TestDatabase::create().await.expect("test database");
     let store = PgEventStore::connect(&PgConfig::new(&db.url))
         .await
@@ -235,15 +210,7 @@ async fn pretty_printed_payloads_are_stored_intact() {
         .unwrap()
         .replace("  ", "\t");
     let batch = batch_of(&[pretty]);
-    store
-        .write_batch(WriteBatch {
-            key: &key("g"),
-            expected: None,
-            batch: &batch,
-            writer: "t",
-        })
-        .await
-        .unwrap();
+    conformance::write(&store, &key("g"), None, &batch).await;
     let stored: serde_json::Value = sqlx::query_scalar("SELECT payload FROM events")
         .fetch_one(store.pool())
         .await

@@ -85,7 +85,8 @@ fn batch(records: Vec<RawRecord>) -> PreparedBatch {
     PreparedBatch::parse(records, &ParseOptions::default()).expect("non-empty batch")
 }
 
-async fn write<S: EventStore>(
+/// Writes one batch, panicking on a store error (test support).
+pub async fn write<S: EventStore>(
     store: &S,
     key: &OffsetKey,
     expected: Option<i64>,
