@@ -110,6 +110,11 @@ pub enum DeadLetterReason {
     RejectedByDatabase {
         error: String,
     },
+    /// Valid JSON, but its protected fields cannot be encrypted or it has no
+    /// canonical form (a number beyond any representable exponent).
+    Unprotectable {
+        error: String,
+    },
 }
 
 impl DeadLetterReason {
@@ -125,6 +130,7 @@ impl DeadLetterReason {
             Self::PayloadTooLarge { .. } => "payload_too_large",
             Self::EventIdConflict { .. } => "event_id_conflict",
             Self::RejectedByDatabase { .. } => "rejected_by_database",
+            Self::Unprotectable { .. } => "unprotectable",
         }
     }
 }
@@ -165,6 +171,9 @@ impl std::fmt::Display for DeadLetterReason {
             ),
             Self::RejectedByDatabase { error } => {
                 write!(f, "the database refused the event: {error}")
+            }
+            Self::Unprotectable { error } => {
+                write!(f, "the event cannot be protected and stored: {error}")
             }
         }
     }

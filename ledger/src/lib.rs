@@ -5,11 +5,16 @@
 //! simulations, so it must not depend on Kafka or on an actor runtime.
 
 pub mod batch;
+pub mod canonical;
+pub mod checkpoint;
+pub mod merkle;
+pub mod protect;
 pub mod envelope;
 pub mod error;
 pub mod record;
 pub mod store;
 pub mod testing;
+pub mod verify;
 
 pub use batch::{classify, Classified, PreparedBatch};
 pub use envelope::{DeadLetter, DeadLetterReason, Event, ParseOptions};

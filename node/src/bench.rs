@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use audit_ledger::envelope::{parse, ParseOptions};
-use audit_ledger::store::postgres::{self, encode_copy_row, local_database_url, COPY_EVENTS};
-use audit_ledger::RawRecord;
+use audit_ledger::store::postgres::{self, local_database_url, COPY_EVENTS};
 use rand::Rng;
 use sqlx::{ConnectOptions, Connection};
 
@@ -51,6 +49,9 @@ pub struct IngestArgs {
     /// Keep the scratch databases for inspection.
     #[arg(long, env = "AUDIT_BENCH_KEEP_DATABASES")]
     pub keep_databases: bool,
+    /// Ingest without field encryption (to measure what protection costs).
+    #[arg(long, env = "AUDIT_BENCH_NO_PROTECTION")]
+    pub no_protection: bool,
     #[arg(long, env = "AUDIT_BENCH_SEED", default_value_t = 42)]
     pub seed: u64,
     #[command(flatten)]
@@ -128,16 +129,6 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     produce::flush(&producer, Duration::from_secs(60)).await?;
     drop(producer);
 
-    // The ceiling's rows: the same events, encoded before the clock starts.
-    eprintln!("bench: encoding the ceiling's rows");
-    let encoding = Instant::now();
-    let chunks = Arc::new(copy_chunks(args.seed, args.events, args.copy_batch)?);
-    let client_seconds = encoding.elapsed().as_secs_f64();
-    eprintln!(
-        "bench: generate + parse + encode on one core: {:.1} µs per event",
-        client_seconds * 1e6 / args.events as f64
-    );
-
     eprintln!("bench: ingesting through a node");
     let settings = NodeSettings::resolve(
         Identity {
@@ -151,10 +142,33 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         &args.tuning,
         FileConfig::default(),
     )?;
+    // Keys of a throwaway state directory: the production path encrypts.
+    let state = std::env::temp_dir().join(format!("audit-bench-{suffix:08x}"));
+    let protection = if args.no_protection {
+        None
+    } else {
+        crate::keys::init_state_dir(&state)?;
+        let keys = crate::keys::KeyArgs {
+            state_dir: Some(state.clone()),
+            kek_provider: "file".into(),
+            ..Default::default()
+        };
+        Some(crate::keys::build_protection(
+            &keys,
+            &crate::keys::ProtectionArgs {
+                policy: None,
+                checkpoint_every: 10_000,
+                checkpoint_interval_secs: 60,
+            },
+            "bench",
+        )?)
+    };
+    let cpu_before = process_cpu_seconds();
     let started = Instant::now();
     let running = node::start(
         NodeSettings {
             migrate: false,
+            protection,
             ..settings
         },
         None,
@@ -182,6 +196,11 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ingest_seconds = started.elapsed().as_secs_f64();
+    let cpu_seconds = process_cpu_seconds() - cpu_before;
+    eprintln!(
+        "bench: this process (node + mock cluster) used {:.1} µs of CPU per event",
+        cpu_seconds * 1e6 / args.events as f64
+    );
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&pool)
         .await?;
@@ -192,9 +211,16 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     );
     running.stop().await;
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
+    let _ = std::fs::remove_dir_all(&state);
+
+    // The ceiling's rows: exactly the rows the node stored (ciphertext,
+    // hashes and all), read back before the clock starts.
+    eprintln!("bench: reading the stored rows back for the ceiling");
+    let chunks = Arc::new(stored_chunks(&ingest_db, args.copy_batch).await?);
 
     eprintln!("bench: ceiling: COPY with {copy_streams} parallel streams");
     let copy_seconds = copy_ceiling(&copy_db, chunks, copy_streams).await?;
+    let _ = cpu_seconds;
 
     if !args.keep_databases {
         for url in [&ingest_db, &copy_db] {
@@ -238,50 +264,67 @@ fn database_url(server: &Option<String>, name: &str) -> String {
     }
 }
 
-/// The same events the generator produced, parsed like the node parses them
-/// and encoded as COPY text, in chunks of `batch` rows.
-fn copy_chunks(seed: u64, events: u64, batch: usize) -> anyhow::Result<Vec<String>> {
-    let mut generator = traffic::TrafficGenerator::new(seed, 0.0, 0.0);
-    let options = ParseOptions::default();
-    let mut chunks = Vec::new();
-    let mut chunk = String::new();
-    let mut in_chunk = 0;
-    for offset in 0..events {
-        let record = generator.next_record();
-        let raw = RawRecord {
-            topic: "bench".into(),
-            partition: 0,
-            offset: offset as i64,
-            key: record.key,
-            value: Some(record.value),
-            headers: record
-                .headers
-                .into_iter()
-                .map(|(key, value)| audit_ledger::Header {
-                    key,
-                    value: Some(value),
-                })
-                .collect(),
-            timestamp_ms: None,
-        };
-        let event = parse(&raw, &options)
-            .map_err(|d| anyhow::anyhow!("generated event rejected: {}", d.reason))?;
-        encode_copy_row(&mut chunk, &event);
-        in_chunk += 1;
-        if in_chunk == batch {
-            chunks.push(std::mem::take(&mut chunk));
-            in_chunk = 0;
+/// COPY text of every stored row of `events` and `event_ids`, in chunks of
+/// `batch` events (each chunk: those events and their ids).
+async fn stored_chunks(url: &str, batch: usize) -> anyhow::Result<Vec<(String, String)>> {
+    use futures::TryStreamExt as _;
+    let mut conn = postgres::connect_options(url)?.connect().await?;
+    async fn read(conn: &mut sqlx::PgConnection, sql: String) -> anyhow::Result<String> {
+        let mut out = Vec::new();
+        let mut stream = conn.copy_out_raw(&sql).await?;
+        while let Some(bytes) = stream.try_next().await? {
+            out.extend_from_slice(&bytes);
         }
+        Ok(String::from_utf8(out)?)
     }
-    if in_chunk > 0 {
-        chunks.push(chunk);
+    let columns = COPY_EVENTS
+        .trim_start_matches("COPY events (")
+        .trim_end_matches(") FROM STDIN")
+        .to_string();
+    let events = read(&mut conn, format!(
+        "COPY (SELECT {columns} FROM events ORDER BY kafka_partition, kafka_offset) TO STDOUT"
+    ))
+    .await?;
+    let ids = read(
+        &mut conn,
+        "COPY (SELECT e.* FROM event_ids e ORDER BY kafka_partition, kafka_offset) TO STDOUT".into(),
+    )
+    .await?;
+    let _ = conn.close().await;
+    // COPY text rows end with '\n'; newlines inside values are escaped.
+    let split = |text: &str| -> Vec<String> {
+        let lines: Vec<&str> = text.lines().collect();
+        lines
+            .chunks(batch.max(1))
+            .map(|c| {
+                let mut s = c.join("\n");
+                s.push('\n');
+                s
+            })
+            .collect()
+    };
+    let (events, ids) = (split(&events), split(&ids));
+    anyhow::ensure!(events.len() == ids.len(), "events and event_ids differ in size");
+    Ok(events.into_iter().zip(ids).collect())
+}
+
+fn process_cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the struct we pass and nothing else.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    if unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) } != 0 {
+        return 0.0;
     }
-    Ok(chunks)
+    let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
 /// COPY every chunk with `streams` connections in parallel, one transaction
 /// per chunk plus one offsets-table update (the shape of a node's batch).
-async fn copy_ceiling(url: &str, chunks: Arc<Vec<String>>, streams: usize) -> anyhow::Result<f64> {
+async fn copy_ceiling(
+    url: &str,
+    chunks: Arc<Vec<(String, String)>>,
+    streams: usize,
+) -> anyhow::Result<f64> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let mut connections = Vec::new();
     for _ in 0..streams {
@@ -300,10 +343,13 @@ async fn copy_ceiling(url: &str, chunks: Arc<Vec<String>>, streams: usize) -> an
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let Some(chunk) = chunks.get(i) else { break };
+                let Some((events, ids)) = chunks.get(i) else { break };
                 let mut tx = conn.begin().await?;
                 let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
-                copy.send(chunk.as_bytes()).await?;
+                copy.send(events.as_bytes()).await?;
+                copy.finish().await?;
+                let mut copy = tx.copy_in_raw("COPY event_ids FROM STDIN").await?;
+                copy.send(ids.as_bytes()).await?;
                 copy.finish().await?;
                 sqlx::query(
                     "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ('ceiling', 'bench', $1, $2)

@@ -19,7 +19,7 @@ pub const DEV_DATABASE: &str = "order_audit";
 
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
-    /// Directory for the dev state (bootstrap.txt; keys and checkpoints later).
+    /// Directory for the dev state: bootstrap.txt, keys/ (KEK file, signing key pair), checkpoints/.
     #[arg(long, env = "AUDIT_STATE_DIR", default_value = ".audit-dev")]
     state_dir: PathBuf,
     /// PostgreSQL URL; default: the local server's Unix socket, database `order_audit`.
@@ -33,6 +33,8 @@ pub struct DevArgs {
     api_addr: SocketAddr,
     #[command(flatten)]
     tuning: Tuning,
+    #[command(flatten)]
+    protection: crate::keys::ProtectionArgs,
 }
 
 pub async fn run(args: DevArgs) -> anyhow::Result<()> {
@@ -72,6 +74,16 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
             );
         }
         postgres::drop_database(&database_url).await;
+        // Checkpoints of the dropped chains would not verify against the new ones.
+        let old = args.state_dir.join("checkpoints");
+        if old.exists() {
+            let aside = args.state_dir.join(format!(
+                "checkpoints-before-{}",
+                chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+            ));
+            std::fs::rename(&old, &aside)
+                .with_context(|| format!("moving {} aside", old.display()))?;
+        }
         println!(
             "note: recreated the dev database {DEV_DATABASE}: the embedded Kafka cluster is new on every run, \
              so an earlier run's data would not line up with it"
@@ -94,6 +106,20 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         FileConfig::default(),
     )?;
     settings.api_addr = Some(args.api_addr);
+    let created = crate::keys::init_state_dir(&args.state_dir)?;
+    for path in &created {
+        tracing::info!(path = %path.display(), "dev key created");
+    }
+    let keys = crate::keys::KeyArgs {
+        state_dir: Some(args.state_dir.clone()),
+        kek_provider: "file".into(),
+        ..Default::default()
+    };
+    settings.protection = Some(crate::keys::build_protection(
+        &keys,
+        &args.protection,
+        "dev",
+    )?);
     let node = node::start(settings, Some(metrics)).await?;
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -143,6 +169,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
     }
     println!("  produce more:  cargo run --release -p audit-node -- produce --brokers $(cat {}) --topic {DEV_TOPIC} --count 1000", bootstrap_file.display());
     println!("  look:          psql \"{}\" -c 'SELECT seq, event_type, stream_id, occurred_at FROM events ORDER BY seq DESC LIMIT 10'", postgres::redact_url(&database_url));
+    let layout = crate::keys::layout(&args.state_dir);
+    println!(
+        "  keys:          {} (KEK), {} (checkpoint signing)",
+        layout.key_file.display(),
+        layout.signing_key.display()
+    );
+    println!("  checkpoints:   {}", layout.checkpoints.display());
+    println!(
+        "  verify:        cargo run --release -p audit-node -- verify --database-url \"{}\" --state-dir {}",
+        postgres::redact_url(&database_url),
+        args.state_dir.display()
+    );
     println!("  stop:          Ctrl-C");
 
     // Stop the demo traffic first, so the node drains what was produced.

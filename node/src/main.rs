@@ -3,8 +3,10 @@
 //! A thin shell: each command parses its flags (every flag has an
 //! environment variable) and calls into the library crates.
 
+mod admin;
 mod bench;
 mod dev;
+mod keys;
 mod mock;
 mod node;
 mod produce;
@@ -54,6 +56,17 @@ enum Command {
     Produce(produce::ProduceArgs),
     /// Benchmarks.
     Bench(bench::BenchArgs),
+    /// Key management: create, rotate and retire key-encryption keys.
+    #[command(subcommand)]
+    Keys(admin::KeysCommand),
+    /// Data subjects: erasure (crypto-shredding).
+    #[command(subcommand)]
+    Subjects(admin::SubjectsCommand),
+    /// Read single events.
+    #[command(subcommand)]
+    Events(admin::EventsCommand),
+    /// Recompute every hash chain and Merkle root and check checkpoint signatures; exit 0 only if all verify.
+    Verify(admin::VerifyArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -84,6 +97,10 @@ struct RunArgs {
     api_addr: SocketAddr,
     #[command(flatten)]
     tuning: Tuning,
+    #[command(flatten)]
+    keys: keys::KeyArgs,
+    #[command(flatten)]
+    protection: keys::ProtectionArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -157,6 +174,16 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Bench(args) => bench::run(args).await,
+        Command::Keys(command) => admin::keys(command).await,
+        Command::Subjects(command) => admin::subjects(command).await,
+        Command::Events(command) => admin::events(command).await,
+        Command::Verify(args) => {
+            if admin::verify_command(args).await? {
+                Ok(())
+            } else {
+                anyhow::bail!("verification failed: the store does not match its chains or checkpoints")
+            }
+        }
     }
 }
 
@@ -180,6 +207,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     )?;
     settings.api_addr = Some(args.api_addr);
     settings.migrate = !args.no_migrate;
+    settings.protection = Some(keys::build_protection(
+        &args.keys,
+        &args.protection,
+        &settings.pipeline.node_id,
+    )?);
     let node = node::start(settings, Some(metrics)).await?;
     tracing::info!(topics = ?args.topics, group_id = %args.group_id, "node running");
     node.run_until(shutdown_signal()).await

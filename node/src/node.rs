@@ -37,7 +37,13 @@ pub async fn start(
         postgres::migrate(url).await?;
         tracing::info!(database = %postgres::redact_url(url), "migrations applied");
     }
-    let store = PgEventStore::connect(&settings.database).await?;
+    let mut store = PgEventStore::connect(&settings.database).await?;
+    let checkpointer = settings.protection.as_ref().map(|p| p.checkpointer.clone());
+    if let Some(p) = &settings.protection {
+        store = store
+            .with_protection(p.protection.clone())
+            .with_checkpoints(p.checkpointer.clone());
+    }
     store
         .ensure_partitions(settings.partitions_ahead_months)
         .await
@@ -75,19 +81,29 @@ pub async fn start(
     .await
     .map_err(|e| anyhow::anyhow!("{}", audit_actors::supervisor::startup_error(e)))?;
 
-    // New monthly partitions ahead of time, checked hourly.
+    // New monthly partitions ahead of time, checked hourly; checkpoints
+    // of chains that went quiet, checked every few seconds.
     let maintenance_store = store.clone();
     let months = settings.partitions_ahead_months;
     let maintenance = tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(3600));
-        every.tick().await;
+        let mut hourly = tokio::time::interval(Duration::from_secs(3600));
+        let mut checkpoints = tokio::time::interval(Duration::from_secs(5));
         loop {
-            every.tick().await;
-            if let Err(error) = maintenance_store.ensure_partitions(months).await {
-                tracing::warn!(error = %error, "partition maintenance failed; will retry in an hour");
+            tokio::select! {
+                _ = hourly.tick() => {
+                    if let Err(error) = maintenance_store.ensure_partitions(months).await {
+                        tracing::warn!(error = %error, "partition maintenance failed; will retry in an hour");
+                    }
+                }
+                _ = checkpoints.tick() => {
+                    if let Some(c) = maintenance_store.checkpointer() {
+                        c.flush_due(maintenance_store.pool()).await;
+                    }
+                }
             }
         }
     });
+    let _ = checkpointer;
     let _ = tree.set(supervisor.clone());
     Ok(RunningNode {
         supervisor,
@@ -141,6 +157,11 @@ impl RunningNode {
             .is_err()
         {
             tracing::warn!("supervision tree did not stop within 90s");
+        }
+        // Every chain this node wrote gets a final checkpoint.
+        if let Some(checkpointer) = self.store.checkpointer() {
+            let n = checkpointer.flush_all(self.store.pool()).await;
+            tracing::info!(chains = n, "final checkpoints published");
         }
         self.store.pool().close().await;
     }

@@ -121,6 +121,8 @@ pub struct NodeSettings {
     pub api_addr: Option<SocketAddr>,
     pub migrate: bool,
     pub partitions_ahead_months: i32,
+    /// Field protection and checkpoints; `None` only in benchmarks of the bare pipeline.
+    pub protection: Option<crate::keys::NodeProtection>,
 }
 
 pub struct Identity<'a> {
@@ -230,6 +232,7 @@ impl NodeSettings {
             api_addr: None,
             migrate: true,
             partitions_ahead_months: file.database.partitions_ahead_months.unwrap_or(3),
+            protection: None,
         })
     }
 }

@@ -9,9 +9,13 @@ use async_trait::async_trait;
 use crate::batch::PreparedBatch;
 use crate::error::StoreError;
 
+pub mod chain;
+pub mod checkpointer;
 pub mod conformance;
 pub mod memory;
 pub mod postgres;
+pub mod protection;
+pub mod system;
 
 pub use memory::MemoryStore;
 pub use postgres::PgEventStore;

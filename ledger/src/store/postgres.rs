@@ -7,18 +7,25 @@
 use std::collections::{HashMap, HashSet};
 use std::fmt::Write as _;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use chrono::SecondsFormat;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Row};
 use uuid::Uuid;
 
+use super::chain::{kafka_chain_id, ChainHead, StoredEvent};
+use super::checkpointer::Checkpointer;
+use super::protection::{self, Protection};
 use super::{BatchStats, EventStore, OffsetKey, WriteBatch, WriteOutcome};
 use crate::batch::{classify, Classified, ExistingEvent};
+use crate::canonical::GENESIS;
 use crate::envelope::{DeadLetter, DeadLetterReason, Event};
 use crate::error::StoreError;
+use crate::merkle::CompactRange;
+
+pub use super::chain::{encode_copy_row, COPY_EVENTS};
 
 /// The SQL migrations in migrations/, embedded in the binary.
 pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../migrations");
@@ -178,9 +185,20 @@ fn unreachable(url: &str, error: sqlx::Error) -> StoreError {
     ))
 }
 
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct PgEventStore {
     pool: PgPool,
+    protection: Option<Arc<Protection>>,
+    checkpoints: Option<Arc<Checkpointer>>,
+}
+
+impl std::fmt::Debug for PgEventStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PgEventStore")
+            .field("protected", &self.protection.is_some())
+            .field("checkpoints", &self.checkpoints.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl PgEventStore {
@@ -216,11 +234,32 @@ impl PgEventStore {
                 )),
                 other => unreachable(&config.url, other),
             })?;
-        Ok(Self { pool })
+        Ok(Self::from_pool(pool))
     }
 
     pub fn from_pool(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            pool,
+            protection: None,
+            checkpoints: None,
+        }
+    }
+
+    /// Encrypts protected fields with per-subject keys before storing.
+    /// Without it payloads are stored in clear (tests and benchmarks only).
+    pub fn with_protection(mut self, protection: Arc<Protection>) -> Self {
+        self.protection = Some(protection);
+        self
+    }
+
+    /// Signs and publishes Merkle checkpoints of the chains this store writes.
+    pub fn with_checkpoints(mut self, checkpoints: Arc<Checkpointer>) -> Self {
+        self.checkpoints = Some(checkpoints);
+        self
+    }
+
+    pub fn checkpointer(&self) -> Option<&Arc<Checkpointer>> {
+        self.checkpoints.as_ref()
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -260,6 +299,12 @@ impl EventStore for PgEventStore {
 
     async fn write_batch(&self, write: WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
         let key = write.key;
+        // Protection (encryption, canonical JSON) runs before the
+        // transaction: CPU and key lookups hold no lock.
+        let candidates = classify(write.batch, &HashMap::new()).events;
+        let mut prepared =
+            protection::prepare(self.protection.as_deref(), &self.pool, &candidates).await?;
+
         let mut tx = self.pool.begin().await?;
         if write.expected.is_none() {
             // First batch of this partition: claim the row so a concurrent
@@ -291,7 +336,6 @@ impl EventStore for PgEventStore {
 
         // Claim the batch's new ids in `event_ids`; ids it already holds
         // are looked up there and classified (duplicate, conflict, re-read).
-        let candidates = classify(write.batch, &HashMap::new()).events;
         sqlx::query("SAVEPOINT claim").execute(&mut *tx).await?;
         let claimed = claim_ids(&mut tx, &candidates).await?;
         let taken: Vec<Uuid> = candidates
@@ -301,37 +345,78 @@ impl EventStore for PgEventStore {
             .collect();
         let existing = existing_ids(&mut tx, &taken).await?;
         let Classified {
-            mut events,
+            events,
             mut dead_letters,
             duplicates,
         } = classify(write.batch, &existing);
 
-        match copy_events(&mut tx, &events).await {
+        let mut rows = Vec::with_capacity(events.len());
+        let mut refused = Vec::new();
+        for event in &events {
+            match prepared.take(event.kafka_offset) {
+                Ok(row) => rows.push(row),
+                Err(reason) => refused.push((*event, reason)),
+            }
+        }
+        if !refused.is_empty() {
+            // Their ids were claimed with the rest: start over without them.
+            sqlx::query("ROLLBACK TO SAVEPOINT claim")
+                .execute(&mut *tx)
+                .await?;
+            let keep: Vec<&Event> = events
+                .iter()
+                .copied()
+                .filter(|e| !refused.iter().any(|(r, _)| r.kafka_offset == e.kafka_offset))
+                .collect();
+            let claimed = claim_ids(&mut tx, &keep).await?;
+            if claimed.len() != keep.len() {
+                return Err(StoreError::Conflict(
+                    "another writer claimed an event id of this batch".into(),
+                ));
+            }
+        }
+        for (event, reason) in refused {
+            dead_letters.push(dead_letter_for(write.batch, event, reason));
+        }
+        protection::pin_keys(&mut tx, &prepared, self.protection.as_deref()).await?;
+
+        let chain_id = kafka_chain_id(&key.topic, key.partition);
+        let mut head = lock_chain(&mut tx, &chain_id).await?;
+        let mut scratch = Vec::with_capacity(4096);
+        let before = head.clone();
+        let before_length = before.length;
+        for row in &mut rows {
+            head.link(row, &mut scratch);
+        }
+        sqlx::query("SAVEPOINT copy").execute(&mut *tx).await?;
+        let mut stored_events = rows.len() as u64;
+        match copy_rows(&mut tx, &rows).await {
             Ok(()) => {}
             Err(StoreError::Data(_)) => {
                 // Some row passed validation but the database refuses it:
                 // find it row by row, so one record never stalls a partition.
-                sqlx::query("ROLLBACK TO SAVEPOINT claim")
+                sqlx::query("ROLLBACK TO SAVEPOINT copy")
                     .execute(&mut *tx)
                     .await?;
-                let (kept, refused) = isolate_refused(&mut tx, events).await?;
-                events = kept;
-                for (event, error) in refused {
-                    let record = write
-                        .batch
-                        .records
-                        .iter()
-                        .find(|r| r.offset == event.kafka_offset);
-                    if let Some(record) = record {
-                        dead_letters.push(DeadLetter::from_record(
-                            record,
-                            Some(event.event_id),
+                head = before;
+                let refused = isolate_refused(&mut tx, &mut head, rows, &mut scratch).await?;
+                stored_events -= refused.len() as u64;
+                for (event_id, offset, error) in refused {
+                    if let Some(event) = events.iter().find(|e| e.kafka_offset == offset) {
+                        dead_letters.push(dead_letter_for(
+                            write.batch,
+                            event,
                             DeadLetterReason::RejectedByDatabase { error },
                         ));
+                    } else {
+                        tracing::warn!(%event_id, offset, "refused row not found in its batch");
                     }
                 }
             }
             Err(other) => return Err(other),
+        }
+        if head.length != before_length {
+            update_chain(&mut tx, &head).await?;
         }
         // ON CONFLICT DO NOTHING: a position already accounted for (another
         // consumer group re-reading the topic) is not counted twice.
@@ -382,12 +467,84 @@ impl EventStore for PgEventStore {
         .execute(&mut *tx)
         .await?;
         tx.commit().await?;
+        if let Some(checkpoints) = &self.checkpoints {
+            checkpoints.observe(&self.pool, &head).await;
+        }
         Ok(WriteOutcome::Committed(BatchStats {
-            events: events.len() as u64,
+            events: stored_events,
             dead_letters: dead_letters_stored,
             duplicates: duplicates_stored,
         }))
     }
+}
+
+fn dead_letter_for(batch: &crate::batch::PreparedBatch, event: &Event, reason: DeadLetterReason) -> DeadLetter {
+    match batch.records.iter().find(|r| r.offset == event.kafka_offset) {
+        Some(record) => DeadLetter::from_record(record, Some(event.event_id), reason),
+        None => DeadLetter {
+            kafka_topic: event.kafka_topic.clone(),
+            kafka_partition: event.kafka_partition,
+            kafka_offset: event.kafka_offset,
+            key: None,
+            value: None,
+            headers: serde_json::Value::Array(Vec::new()),
+            event_id: Some(event.event_id),
+            reason,
+        },
+    }
+}
+
+/// Creates the chain's row if it is new, and locks it for this transaction:
+/// appends to one chain are strictly sequential.
+pub(crate) async fn lock_chain(
+    conn: &mut sqlx::PgConnection,
+    chain_id: &str,
+) -> Result<ChainHead, StoreError> {
+    sqlx::query(
+        "INSERT INTO chains (chain_id, length, head_hash, frontier) VALUES ($1, 0, $2, '')
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(chain_id)
+    .bind(&GENESIS[..])
+    .execute(&mut *conn)
+    .await?;
+    let row = sqlx::query(
+        "SELECT length, head_hash, frontier FROM chains WHERE chain_id = $1 FOR UPDATE",
+    )
+    .bind(chain_id)
+    .fetch_one(&mut *conn)
+    .await?;
+    let length: i64 = row.try_get(0)?;
+    let head: Vec<u8> = row.try_get(1)?;
+    let frontier: Vec<u8> = row.try_get(2)?;
+    let corrupt = |what: String| StoreError::Fatal(format!("chain {chain_id}: {what}; run `audit-node verify`"));
+    let length = u64::try_from(length).map_err(|_| corrupt(format!("negative length {length}")))?;
+    Ok(ChainHead {
+        chain_id: chain_id.to_owned(),
+        length,
+        head_hash: head
+            .try_into()
+            .map_err(|_| corrupt("head hash is not 32 bytes".into()))?,
+        frontier: CompactRange::from_bytes(length, &frontier)
+            .map_err(|e| corrupt(format!("Merkle frontier unreadable: {e}")))?,
+    })
+}
+
+pub(crate) async fn update_chain(
+    conn: &mut sqlx::PgConnection,
+    head: &ChainHead,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE chains SET length = $2, head_hash = $3, frontier = $4, updated_at = now()
+         WHERE chain_id = $1",
+    )
+    .bind(&head.chain_id)
+    .bind(head.length as i64)
+    .bind(&head.head_hash[..])
+    .bind(head.frontier.to_bytes())
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
 }
 
 /// Inserts the events' ids into `event_ids`; returns those that were new.
@@ -439,7 +596,12 @@ async fn existing_ids(
     for row in rows {
         let id: Uuid = row.try_get(0)?;
         let hash: Vec<u8> = row.try_get(1)?;
-        let position: (String, i32, i64) = (row.try_get(2)?, row.try_get(3)?, row.try_get(4)?);
+        // System events have no Kafka position.
+        let position: (String, i32, i64) = (
+            row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+            row.try_get::<Option<i32>, _>(3)?.unwrap_or(-1),
+            row.try_get::<Option<i64>, _>(4)?.unwrap_or(-1),
+        );
         existing.insert(
             id,
             ExistingEvent {
@@ -455,13 +617,17 @@ async fn existing_ids(
     Ok(existing)
 }
 
-async fn copy_events(conn: &mut sqlx::PgConnection, events: &[&Event]) -> Result<(), StoreError> {
-    if events.is_empty() {
+/// COPYs stored rows into `events`.
+pub(crate) async fn copy_rows(
+    conn: &mut sqlx::PgConnection,
+    rows: &[StoredEvent],
+) -> Result<(), StoreError> {
+    if rows.is_empty() {
         return Ok(());
     }
-    let mut buffer = String::with_capacity(events.len() * 1024);
-    for event in events {
-        encode_copy_row(&mut buffer, event);
+    let mut buffer = String::with_capacity(rows.len() * 1400);
+    for row in rows {
+        encode_copy_row(&mut buffer, row);
     }
     let mut copy = conn.copy_in_raw(COPY_EVENTS).await?;
     if let Err(e) = copy.send(buffer.into_bytes()).await {
@@ -472,124 +638,38 @@ async fn copy_events(conn: &mut sqlx::PgConnection, events: &[&Event]) -> Result
     Ok(())
 }
 
-/// Copies events one by one under savepoints; returns those stored and those
-/// the database refused, with its reason.
-async fn isolate_refused<'a>(
+/// Copies rows one by one under savepoints, linking each into the chain only
+/// once the database took it; returns those it refused (id, offset, reason).
+async fn isolate_refused(
     conn: &mut sqlx::PgConnection,
-    events: Vec<&'a Event>,
-) -> Result<(Vec<&'a Event>, Vec<(&'a Event, String)>), StoreError> {
-    let mut kept = Vec::with_capacity(events.len());
+    head: &mut ChainHead,
+    rows: Vec<StoredEvent>,
+    scratch: &mut Vec<u8>,
+) -> Result<Vec<(Uuid, i64, String)>, StoreError> {
     let mut refused = Vec::new();
-    for event in events {
+    for mut row in rows {
+        let before = head.clone();
+        head.link(&mut row, scratch);
         sqlx::query("SAVEPOINT one_event")
             .execute(&mut *conn)
             .await?;
-        match copy_events(conn, &[event]).await {
+        match copy_rows(conn, std::slice::from_ref(&row)).await {
             Ok(()) => {
                 sqlx::query("RELEASE SAVEPOINT one_event")
                     .execute(&mut *conn)
                     .await?;
-                kept.push(event);
             }
             Err(StoreError::Data(reason)) => {
                 sqlx::query("ROLLBACK TO SAVEPOINT one_event")
                     .execute(&mut *conn)
                     .await?;
-                refused.push((event, reason));
+                *head = before;
+                refused.push((row.event_id, row.kafka_offset.unwrap_or(-1), reason));
             }
             Err(other) => return Err(other),
         }
     }
-    Ok((kept, refused))
-}
-
-/// The COPY statement [`encode_copy_row`] produces rows for.
-pub const COPY_EVENTS: &str =
-    "COPY events (event_id, event_type, stream_id, stream_version, occurred_at, source,
-     correlation_id, causation_id, subject_id, payload, metadata, headers, content_hash,
-     kafka_topic, kafka_partition, kafka_offset) FROM STDIN";
-
-/// Appends one row in COPY's text format (tab-separated, `\N` for NULL).
-pub fn encode_copy_row(out: &mut String, event: &Event) {
-    let _ = write!(out, "{}\t", event.event_id);
-    copy_text(out, &event.event_type);
-    out.push('\t');
-    copy_text(out, &event.stream_id);
-    out.push('\t');
-    match event.stream_version {
-        Some(v) => {
-            let _ = write!(out, "{v}");
-        }
-        None => out.push_str("\\N"),
-    }
-    out.push('\t');
-    out.push_str(
-        &event
-            .occurred_at
-            .to_rfc3339_opts(SecondsFormat::AutoSi, true),
-    );
-    out.push('\t');
-    copy_opt_text(out, event.source.as_deref());
-    out.push('\t');
-    copy_opt_uuid(out, event.correlation_id);
-    out.push('\t');
-    copy_opt_uuid(out, event.causation_id);
-    out.push('\t');
-    copy_opt_text(out, event.subject_id.as_deref());
-    out.push('\t');
-    copy_text(out, event.payload.get());
-    out.push('\t');
-    match &event.metadata {
-        Some(m) => copy_text(out, m.get()),
-        None => out.push_str("\\N"),
-    }
-    out.push('\t');
-    copy_text(out, event.headers.get());
-    out.push('\t');
-    // bytea in text COPY: `\\x` + hex (the backslash itself is escaped).
-    out.push_str("\\\\x");
-    let mut hex = [0u8; 64];
-    if hex::encode_to_slice(event.content_hash, &mut hex).is_ok() {
-        out.push_str(std::str::from_utf8(&hex).unwrap_or_default());
-    }
-    out.push('\t');
-    copy_text(out, &event.kafka_topic);
-    let _ = writeln!(out, "\t{}\t{}", event.kafka_partition, event.kafka_offset);
-}
-
-fn copy_opt_text(out: &mut String, value: Option<&str>) {
-    match value {
-        Some(v) => copy_text(out, v),
-        None => out.push_str("\\N"),
-    }
-}
-
-fn copy_opt_uuid(out: &mut String, value: Option<Uuid>) {
-    match value {
-        Some(v) => {
-            let _ = write!(out, "{v}");
-        }
-        None => out.push_str("\\N"),
-    }
-}
-
-fn copy_text(out: &mut String, value: &str) {
-    // Byte-wise: the four special bytes never occur inside a multi-byte
-    // UTF-8 sequence, so slicing at them keeps every slice valid UTF-8.
-    let mut start = 0;
-    for (i, byte) in value.bytes().enumerate() {
-        let escape = match byte {
-            b'\\' => "\\\\",
-            b'\t' => "\\t",
-            b'\n' => "\\n",
-            b'\r' => "\\r",
-            _ => continue,
-        };
-        out.push_str(&value[start..i]);
-        out.push_str(escape);
-        start = i + 1;
-    }
-    out.push_str(&value[start..]);
+    Ok(refused)
 }
 
 /// The local PostgreSQL server through its Unix socket, as the current OS
@@ -643,7 +723,7 @@ mod tests {
     #[test]
     fn copy_text_escapes_separators() {
         let mut out = String::new();
-        copy_text(&mut out, "a\tb\nc\\d\re");
+        super::super::chain::copy_text(&mut out, "a\tb\nc\\d\re");
         assert_eq!(out, "a\\tb\\nc\\\\d\\re");
     }
 }

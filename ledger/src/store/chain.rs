@@ -1,0 +1,318 @@
+//! Hash chains: what an event looks like once stored (protected, canonical)
+//! and how it is linked to the one before it.
+//!
+//! One chain per Kafka (topic, partition), named `topic/partition`, plus the
+//! `system` chain for events the node writes itself. Each event's
+//! `hash = SHA-256(prev_hash || canonical record bytes)` (docs/INTEGRITY.md);
+//! its leaf in the chain's RFC 9162 Merkle tree is that hash.
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, SubsecRound, Utc};
+use uuid::Uuid;
+
+use crate::canonical::{chain_hash, ChainRecord, GENESIS};
+use crate::envelope::Event;
+use crate::merkle::{leaf_hash, CompactRange};
+
+/// The chain of events the node writes itself (erasures, audited reads).
+pub const SYSTEM_CHAIN: &str = "system";
+
+/// The chain a Kafka partition's events are linked into.
+pub fn kafka_chain_id(topic: &str, partition: i32) -> String {
+    format!("{topic}/{partition}")
+}
+
+/// An event in the form it is stored and hashed: payload with protected
+/// fields encrypted, JSON columns in canonical text.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    pub event_id: Uuid,
+    pub event_type: String,
+    pub stream_id: String,
+    pub stream_version: Option<i64>,
+    pub occurred_at: DateTime<Utc>,
+    pub ingested_at: DateTime<Utc>,
+    pub source: Option<String>,
+    pub correlation_id: Option<Uuid>,
+    pub causation_id: Option<Uuid>,
+    /// The data subject: the envelope's, or found in the payload by policy.
+    pub subject_id: Option<String>,
+    /// Canonical JSON text.
+    pub payload: String,
+    pub metadata: Option<String>,
+    pub headers: String,
+    pub blind_index: Vec<String>,
+    pub content_hash: [u8; 32],
+    pub kafka_topic: Option<String>,
+    pub kafka_partition: Option<i32>,
+    pub kafka_offset: Option<i64>,
+    /// Set by [`ChainHead::link`].
+    pub chain_id: String,
+    pub chain_position: u64,
+    pub hash: [u8; 32],
+}
+
+impl StoredEvent {
+    /// The stored form of an ingested event, before protection and linking:
+    /// the caller replaces `payload` (and `blind_index`, `subject_id`).
+    pub fn from_event(
+        event: &Event,
+        payload: String,
+        ingested_at: DateTime<Utc>,
+    ) -> Result<Self, crate::canonical::CanonicalError> {
+        Ok(Self {
+            event_id: event.event_id,
+            event_type: event.event_type.clone(),
+            stream_id: event.stream_id.clone(),
+            stream_version: event.stream_version,
+            occurred_at: event.occurred_at,
+            ingested_at: ingested_at.trunc_subsecs(6),
+            source: event.source.clone(),
+            correlation_id: event.correlation_id,
+            causation_id: event.causation_id,
+            subject_id: event.subject_id.clone(),
+            payload,
+            metadata: match &event.metadata {
+                Some(m) => Some(crate::canonical::canonical_text(m.get())?),
+                None => None,
+            },
+            headers: crate::canonical::canonical_text(event.headers.get())?,
+            blind_index: Vec::new(),
+            content_hash: event.content_hash,
+            kafka_topic: Some(event.kafka_topic.clone()),
+            kafka_partition: Some(event.kafka_partition),
+            kafka_offset: Some(event.kafka_offset),
+            chain_id: kafka_chain_id(&event.kafka_topic, event.kafka_partition),
+            chain_position: 0,
+            hash: [0; 32],
+        })
+    }
+
+    pub fn record(&self) -> ChainRecord<'_> {
+        ChainRecord {
+            chain_id: &self.chain_id,
+            position: self.chain_position,
+            event_id: self.event_id,
+            event_type: &self.event_type,
+            stream_id: &self.stream_id,
+            stream_version: self.stream_version,
+            occurred_at: self.occurred_at,
+            ingested_at: self.ingested_at,
+            source: self.source.as_deref(),
+            correlation_id: self.correlation_id,
+            causation_id: self.causation_id,
+            subject_id: self.subject_id.as_deref(),
+            kafka_topic: self.kafka_topic.as_deref(),
+            kafka_partition: self.kafka_partition,
+            kafka_offset: self.kafka_offset,
+            headers: &self.headers,
+            metadata: self.metadata.as_deref(),
+            payload: &self.payload,
+            blind_index: &self.blind_index,
+            content_hash: &self.content_hash,
+        }
+    }
+}
+
+/// A chain's head, read under the chain row's lock and advanced by each
+/// appended event.
+#[derive(Debug, Clone)]
+pub struct ChainHead {
+    pub chain_id: String,
+    pub length: u64,
+    pub head_hash: [u8; 32],
+    pub frontier: CompactRange,
+}
+
+impl ChainHead {
+    pub fn genesis(chain_id: &str) -> Self {
+        Self {
+            chain_id: chain_id.to_owned(),
+            length: 0,
+            head_hash: GENESIS,
+            frontier: CompactRange::new(),
+        }
+    }
+
+    /// Links `event` as the chain's next event: sets its chain id, position
+    /// and hash. `scratch` is reused between events to avoid allocations.
+    pub fn link(&mut self, event: &mut StoredEvent, scratch: &mut Vec<u8>) {
+        event.chain_id.clone_from(&self.chain_id);
+        event.chain_position = self.length;
+        scratch.clear();
+        event.record().encode(scratch);
+        event.hash = chain_hash(&self.head_hash, scratch);
+        self.head_hash = event.hash;
+        self.frontier.push(leaf_hash(&event.hash));
+        self.length += 1;
+    }
+
+    /// The chain's current Merkle root.
+    pub fn root(&self) -> [u8; 32] {
+        self.frontier.root()
+    }
+}
+
+/// The COPY statement [`encode_copy_row`] produces rows for.
+pub const COPY_EVENTS: &str =
+    "COPY events (event_id, event_type, stream_id, stream_version, occurred_at, ingested_at, source,
+     correlation_id, causation_id, subject_id, payload, metadata, headers, content_hash,
+     kafka_topic, kafka_partition, kafka_offset, chain_id, chain_position, hash, blind_index) FROM STDIN";
+
+/// Appends one row in COPY's text format (tab-separated, `\N` for NULL).
+pub fn encode_copy_row(out: &mut String, event: &StoredEvent) {
+    let _ = write!(out, "{}\t", event.event_id);
+    copy_text(out, &event.event_type);
+    out.push('\t');
+    copy_text(out, &event.stream_id);
+    out.push('\t');
+    copy_opt_display(out, event.stream_version);
+    out.push('\t');
+    copy_time(out, event.occurred_at);
+    out.push('\t');
+    copy_time(out, event.ingested_at);
+    out.push('\t');
+    copy_opt_text(out, event.source.as_deref());
+    out.push('\t');
+    copy_opt_display(out, event.correlation_id);
+    out.push('\t');
+    copy_opt_display(out, event.causation_id);
+    out.push('\t');
+    copy_opt_text(out, event.subject_id.as_deref());
+    out.push('\t');
+    copy_text(out, &event.payload);
+    out.push('\t');
+    copy_opt_text(out, event.metadata.as_deref());
+    out.push('\t');
+    copy_text(out, &event.headers);
+    out.push('\t');
+    copy_bytea(out, &event.content_hash);
+    out.push('\t');
+    copy_opt_text(out, event.kafka_topic.as_deref());
+    out.push('\t');
+    copy_opt_display(out, event.kafka_partition);
+    out.push('\t');
+    copy_opt_display(out, event.kafka_offset);
+    out.push('\t');
+    copy_text(out, &event.chain_id);
+    let _ = write!(out, "\t{}\t", event.chain_position);
+    copy_bytea(out, &event.hash);
+    out.push('\t');
+    // A text[] literal; every element quoted, so no token can break it.
+    out.push('{');
+    for (i, token) in event.blind_index.iter().enumerate() {
+        if i > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in token.chars() {
+            match c {
+                // Escaped once for the array literal, then again for COPY.
+                '"' => out.push_str("\\\\\""),
+                '\\' => out.push_str("\\\\\\\\"),
+                _ => copy_char(out, c),
+            }
+        }
+        out.push('"');
+    }
+    out.push_str("}\n");
+}
+
+fn copy_time(out: &mut String, t: DateTime<Utc>) {
+    let _ = write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%S%.6fZ"));
+}
+
+fn copy_bytea(out: &mut String, bytes: &[u8]) {
+    // bytea in text COPY: `\\x` + hex (the backslash itself is escaped).
+    out.push_str("\\\\x");
+    for b in bytes {
+        let _ = write!(out, "{b:02x}");
+    }
+}
+
+fn copy_opt_display(out: &mut String, value: Option<impl std::fmt::Display>) {
+    match value {
+        Some(v) => {
+            let _ = write!(out, "{v}");
+        }
+        None => out.push_str("\\N"),
+    }
+}
+
+fn copy_opt_text(out: &mut String, value: Option<&str>) {
+    match value {
+        Some(v) => copy_text(out, v),
+        None => out.push_str("\\N"),
+    }
+}
+
+/// COPY text escaping: backslash, tab, newline and carriage return.
+pub fn copy_text(out: &mut String, value: &str) {
+    // Byte-wise: the four special bytes never occur inside a multi-byte
+    // UTF-8 sequence, so slicing at them keeps every slice valid UTF-8.
+    let mut start = 0;
+    for (i, byte) in value.bytes().enumerate() {
+        let escape = match byte {
+            b'\\' => "\\\\",
+            b'\t' => "\\t",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            _ => continue,
+        };
+        out.push_str(&value[start..i]);
+        out.push_str(escape);
+        start = i + 1;
+    }
+    out.push_str(&value[start..]);
+}
+
+fn copy_char(out: &mut String, c: char) {
+    match c {
+        '\\' => out.push_str("\\\\"),
+        '\t' => out.push_str("\\t"),
+        '\n' => out.push_str("\\n"),
+        '\r' => out.push_str("\\r"),
+        _ => out.push(c),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blind_index_array_literal_quotes_every_token() {
+        let mut event = StoredEvent {
+            event_id: Uuid::nil(),
+            event_type: "t".into(),
+            stream_id: "s".into(),
+            stream_version: None,
+            occurred_at: DateTime::UNIX_EPOCH,
+            ingested_at: DateTime::UNIX_EPOCH,
+            source: None,
+            correlation_id: None,
+            causation_id: None,
+            subject_id: None,
+            payload: "{}".into(),
+            metadata: None,
+            headers: "[]".into(),
+            blind_index: vec!["email:ab".into(), "we\"ird\\".into()],
+            content_hash: [0; 32],
+            kafka_topic: None,
+            kafka_partition: None,
+            kafka_offset: None,
+            chain_id: SYSTEM_CHAIN.into(),
+            chain_position: 0,
+            hash: [0; 32],
+        };
+        let mut head = ChainHead::genesis(SYSTEM_CHAIN);
+        let mut scratch = Vec::new();
+        head.link(&mut event, &mut scratch);
+        let mut row = String::new();
+        encode_copy_row(&mut row, &event);
+        assert!(row.ends_with("{\"email:ab\",\"we\\\\\"ird\\\\\\\\\"}\n"), "{row}");
+        assert!(row.contains("\\N\t\\N\t\\N\tsystem\t0\t"), "{row}");
+        assert_eq!(head.length, 1);
+    }
+}
