@@ -73,6 +73,8 @@ pub struct VerifyOptions {
     pub external: Vec<Checkpoint>,
     /// Stop collecting after this many problems.
     pub max_problems: usize,
+    /// Parallel workers (each with its own connection), chains split among them.
+    pub workers: usize,
 }
 
 struct ChainState {
@@ -159,13 +161,76 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
             .push((checkpoint, origin));
     }
 
+    // The chains to check: every chain with events, and every chain a
+    // checkpoint speaks of (a chain whose rows were all deleted has none).
+    let mut ids: Vec<String> =
+        sqlx::query_scalar("SELECT DISTINCT chain_id FROM events WHERE chain_id IS NOT NULL")
+            .fetch_all(pool)
+            .await?;
+    for id in chains.keys() {
+        if !ids.contains(id) {
+            ids.push(id.clone());
+        }
+    }
+    ids.sort();
+    // Chains are independent: one worker (and one connection) per core.
+    let workers = options.workers.max(1).min(ids.len().max(1));
+    let mut shares: Vec<(Vec<String>, HashMap<String, ChainState>)> =
+        (0..workers).map(|_| (Vec::new(), HashMap::new())).collect();
+    for (i, id) in ids.into_iter().enumerate() {
+        let state = chains.remove(&id).unwrap_or_else(ChainState::new);
+        let share = &mut shares[i % workers];
+        share.1.insert(id.clone(), state);
+        share.0.push(id);
+    }
+    let mut tasks = Vec::with_capacity(workers);
+    for (i, (ids, states)) in shares.into_iter().enumerate() {
+        let pool = pool.clone();
+        let max_problems = options.max_problems;
+        // The first worker also reports rows outside every chain.
+        tasks.push(tokio::spawn(async move {
+            verify_share(&pool, ids, states, i == 0, max_problems).await
+        }));
+    }
+    for task in tasks {
+        let part = task
+            .await
+            .map_err(|e| StoreError::Fatal(format!("verification worker failed: {e}")))??;
+        report.events += part.events;
+        report.checkpoints_verified += part.checkpoints_verified;
+        for (chain, summary) in part.chains {
+            let entry = report.chains.entry(chain).or_default();
+            entry.length += summary.length;
+            entry.checkpoints += summary.checkpoints;
+        }
+        for problem in part.problems {
+            push(&mut report, options, problem);
+        }
+    }
+    report.problems.sort_by(|a, b| (a.seq, &a.chain_id).cmp(&(b.seq, &b.chain_id)));
+    report.chains.retain(|_, s| s.length > 0 || s.checkpoints > 0);
+    Ok(report)
+}
+
+/// Verifies some chains: one pass over their rows in `seq` order.
+async fn verify_share(
+    pool: &PgPool,
+    ids: Vec<String>,
+    mut chains: HashMap<String, ChainState>,
+    unchained: bool,
+    max_problems: usize,
+) -> Result<Report, StoreError> {
+    let mut report = Report::default();
+    let options = &Limits { max_problems };
     let mut stream = sqlx::query(
         "SELECT seq, chain_id, chain_position, hash, event_id, event_type, stream_id, stream_version,
                 occurred_at, ingested_at, source, correlation_id, causation_id, subject_id,
                 kafka_topic, kafka_partition, kafka_offset, headers::text, metadata::text,
                 payload::text, blind_index, content_hash
-         FROM events ORDER BY seq",
+         FROM events WHERE chain_id = ANY($1) OR ($2 AND chain_id IS NULL) ORDER BY seq",
     )
+    .bind(&ids)
+    .bind(unchained)
     .fetch(pool);
     let mut buffer = Vec::with_capacity(4096);
     while let Some(row) = stream.try_next().await? {
@@ -292,12 +357,32 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
             );
         }
     }
-    report.chains.retain(|_, s| s.length > 0 || s.checkpoints > 0);
     Ok(report)
 }
 
-fn push(report: &mut Report, options: &VerifyOptions, problem: Problem) {
-    if report.problems.len() < options.max_problems.max(1) {
+/// How many problems to keep.
+pub trait ProblemLimit {
+    fn max_problems(&self) -> usize;
+}
+
+impl ProblemLimit for VerifyOptions {
+    fn max_problems(&self) -> usize {
+        self.max_problems
+    }
+}
+
+struct Limits {
+    max_problems: usize,
+}
+
+impl ProblemLimit for Limits {
+    fn max_problems(&self) -> usize {
+        self.max_problems
+    }
+}
+
+fn push(report: &mut Report, options: &dyn ProblemLimit, problem: Problem) {
+    if report.problems.len() < options.max_problems().max(1) {
         report.problems.push(problem);
     }
 }

@@ -89,12 +89,19 @@ pub struct VerifyArgs {
     /// Report at most this many problems.
     #[arg(long, env = "AUDIT_VERIFY_MAX_PROBLEMS", default_value_t = 20)]
     max_problems: usize,
+    /// Parallel workers, each with its own database connection; default: the number of cores.
+    #[arg(long, env = "AUDIT_VERIFY_WORKERS")]
+    workers: Option<usize>,
 }
 
 async fn connect(url: &str) -> anyhow::Result<PgPool> {
+    connect_with(url, 2).await
+}
+
+async fn connect_with(url: &str, connections: u32) -> anyhow::Result<PgPool> {
     let options = audit_ledger::store::postgres::connect_options(url)?;
     PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(connections)
         .connect_with(options)
         .await
         .with_context(|| {
@@ -356,7 +363,12 @@ pub async fn verify_command(args: VerifyArgs) -> anyhow::Result<bool> {
         None => Vec::new(),
     };
     let n_external = external.len();
-    let pool = connect(&args.database_url).await?;
+    let workers = args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let pool = connect_with(&args.database_url, workers as u32 + 1).await?;
     let started = std::time::Instant::now();
     let report = verify(
         &pool,
@@ -364,6 +376,7 @@ pub async fn verify_command(args: VerifyArgs) -> anyhow::Result<bool> {
             public_key,
             external,
             max_problems: args.max_problems,
+            workers,
         },
     )
     .await?;

@@ -227,7 +227,8 @@ async fn refuses_a_log_shorter_than_the_stored_offsets() {
         "[restart]\nmax_restarts = 1\nbase_backoff_ms = 50\n",
     )
     .unwrap();
-    let mut args = run_args("", &topic, &group, &db, "node-1");
+    let state = init_state_dir(&dir);
+    let mut args = run_args("", &topic, &group, &db, "node-1", &state);
     args.extend(["--config".to_string(), config.display().to_string()]);
 
     let first = MockKafka::start(&topic, 2, &dir).await;

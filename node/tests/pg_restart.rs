@@ -23,9 +23,10 @@ async fn recovers_from_a_postgres_restart_mid_stream() {
     let kafka = MockKafka::start(&topic, 8, &dir).await;
     let db = TestDatabase::create().await.expect("test database");
     let pool = admin_pool(&db).await;
+    let state = init_state_dir(&dir);
     let mut node = Proc::spawn(
         "node-1",
-        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1"),
+        &run_args(&kafka.bootstrap, &topic, &group, &db, "node-1", &state),
         &dir,
     );
 

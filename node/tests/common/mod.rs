@@ -217,12 +217,31 @@ pub async fn produce(
     p
 }
 
+/// `audit-node keys init --state-dir DIR`: the keys every node of one test
+/// shares (KEK file, checkpoint signing key) and the published checkpoints.
+pub fn init_state_dir(dir: &std::path::Path) -> PathBuf {
+    let state = dir.join("state");
+    let output = Command::new(BIN)
+        .args(["keys", "init", "--state-dir"])
+        .arg(&state)
+        .env("AUDIT_LOG", "warn")
+        .output()
+        .expect("run keys init");
+    assert!(
+        output.status.success(),
+        "keys init failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    state
+}
+
 pub fn run_args(
     bootstrap: &str,
     topic: &str,
     group: &str,
     db: &TestDatabase,
     node_id: &str,
+    state: &std::path::Path,
 ) -> Vec<String> {
     vec![
         "run".into(),
@@ -241,6 +260,8 @@ pub fn run_args(
         // KIP-848: fast joins and hand-overs on the mock cluster.
         "--group-protocol".into(),
         "consumer".into(),
+        "--state-dir".into(),
+        state.display().to_string(),
     ]
 }
 
@@ -343,9 +364,11 @@ async fn count(pool: &PgPool, table: &str) -> Result<u64, String> {
 }
 
 /// One test's world: a mock Kafka cluster with a random topic, a random
-/// consumer group, a fresh database and a pool on it as its owner.
+/// consumer group, a fresh database and a pool on it as its owner, and one
+/// state directory (keys, published checkpoints) shared by all its nodes.
 pub struct Harness {
     pub dir: PathBuf,
+    pub state: PathBuf,
     pub topic: String,
     pub group: String,
     pub kafka: MockKafka,
@@ -356,6 +379,7 @@ pub struct Harness {
 impl Harness {
     pub async fn start(partitions: i32) -> Self {
         let dir = scratch_dir();
+        let state = init_state_dir(&dir);
         let topic = random_name("orders");
         let group = random_name("group");
         let kafka = MockKafka::start(&topic, partitions, &dir).await;
@@ -363,6 +387,7 @@ impl Harness {
         let pool = admin_pool(&db).await;
         Self {
             dir,
+            state,
             topic,
             group,
             kafka,
@@ -373,14 +398,19 @@ impl Harness {
 
     /// `audit-node run` in this world.
     pub fn node(&self, node_id: &str) -> Proc {
-        let args = run_args(
+        Proc::spawn(node_id, &self.run_args(node_id), &self.dir)
+    }
+
+    /// The flags of `audit-node run` in this world, to extend.
+    pub fn run_args(&self, node_id: &str) -> Vec<String> {
+        run_args(
             &self.kafka.bootstrap,
             &self.topic,
             &self.group,
             &self.db,
             node_id,
-        );
-        Proc::spawn(node_id, &args, &self.dir)
+            &self.state,
+        )
     }
 
     pub async fn produce(&self, count: u64, invalid: f64, duplicate: f64, seed: u64) -> Produced {
