@@ -2,7 +2,8 @@
 # The ingestion core's acceptance scenario, from outside, with real processes:
 # kafka-mock (48 partitions) + run + produce 200k (2% invalid, 1% duplicates),
 # node A kill -9'd twice and restarted, node B joining and leaving; then the
-# store must hold exactly the valid distinct events and the invalid records.
+# store must hold exactly the valid distinct events and the invalid records,
+# and `verify` must accept every hash chain and checkpoint.
 #
 #   cargo build --release -p audit-node && chaos/scripts/acceptance.sh
 #
@@ -16,6 +17,8 @@ BIN="${BIN:-target/release/audit-node}"
 WORK="$(mktemp -d)"
 DB="audit_acceptance_$$"
 URL="postgres:///$DB?host=/var/run/postgresql"
+# Keys and published checkpoints, shared by every node (like a real cluster).
+STATE="$WORK/state"
 GROUP="acceptance-$$"
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill -9 "$p" 2>/dev/null || true; done; }
@@ -35,7 +38,7 @@ progress() {
 # Starts a node as a child of this shell; its pid lands in NODE_PID.
 start_node() { # name
   "$BIN" run --brokers "$BOOT" --topics orders --group-id "$GROUP" --database-url "$URL" \
-    --node-id "$1" --api-addr 127.0.0.1:0 ${RUN_FLAGS:-} >>"$WORK/$1.log" 2>&1 &
+    --node-id "$1" --api-addr 127.0.0.1:0 --state-dir "$STATE" ${RUN_FLAGS:-} >>"$WORK/$1.log" 2>&1 &
   NODE_PID=$!
   pids+=("$NODE_PID")
 }
@@ -45,6 +48,7 @@ pids+=($!)
 for _ in $(seq 100); do [ -s "$WORK/bootstrap.txt" ] && break; sleep 0.1; done
 BOOT="$(cat "$WORK/bootstrap.txt")"
 "$BIN" migrate --database-url "$URL" --create-database >/dev/null
+"$BIN" keys init --state-dir "$STATE" >/dev/null
 log "mock kafka at $BOOT, database $DB, logs in $WORK"
 
 start_node node-a; A=$NODE_PID
@@ -92,7 +96,12 @@ want=$(echo "$SUMMARY" | python3 -c 'import json,sys; s=json.load(sys.stdin); pr
 got="$EVENTS $DISTINCT $DEAD $DUPS $POSITIONS"
 log "stored (events, distinct ids, dead letters, duplicates, positions) = $got; expected $want"
 kill -TERM "$A"; wait "$A" || log "node-a exited with $? on SIGTERM"
-if [ "$got" = "$want" ]; then
+if "$BIN" verify --database-url "$URL" --state-dir "$STATE" >"$WORK/verify.out" 2>&1; then
+  VERIFIED=yes; log "$(grep 'verify: OK' "$WORK/verify.out")"
+else
+  VERIFIED=no; log "verify failed:"; grep -v 'verify: chain' "$WORK/verify.out" | head -20
+fi
+if [ "$got" = "$want" ] && [ "$VERIFIED" = yes ]; then
   log "PASS"; psql -q postgres -c "DROP DATABASE \"$DB\" WITH (FORCE)"
 else
   log "FAIL (database $DB kept)"; exit 1

@@ -96,30 +96,657 @@ fn write_any(value: &Value, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
 /// Appends `s` as a canonical JSON string: only `"`, `\` and U+0000..U+001F
 /// are escaped, everything else is raw UTF-8.
 pub fn write_str(s: &str, out: &mut Vec<u8>) {
-    let bytes = s.as_bytes();
+    write_str_bytes(s.as_bytes(), out);
+}
+
+/// [`write_str`] for the UTF-8 bytes of a string. Copies the runs between
+/// bytes that need an escape in bulk.
+fn write_str_bytes(bytes: &[u8], out: &mut Vec<u8>) {
+    out.reserve(bytes.len() + 2);
     out.push(b'"');
     let mut run_start = 0;
-    for (i, &b) in bytes.iter().enumerate() {
-        if b >= 0x20 && b != b'"' && b != b'\\' {
-            continue;
-        }
+    loop {
+        let i = find_special(bytes, run_start);
         out.extend_from_slice(&bytes[run_start..i]);
-        match b {
-            b'"' => out.extend_from_slice(b"\\\""),
-            b'\\' => out.extend_from_slice(b"\\\\"),
-            _ => out.extend_from_slice(&[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(b >> 4)],
-                HEX[usize::from(b & 0xf)],
-            ]),
-        }
+        let Some(&b) = bytes.get(i) else {
+            break;
+        };
+        push_escaped_byte(b, out);
         run_start = i + 1;
     }
-    out.extend_from_slice(&bytes[run_start..]);
     out.push(b'"');
+}
+
+/// Appends the escape of `"`, `\` or a control character.
+fn push_escaped_byte(b: u8, out: &mut Vec<u8>) {
+    match b {
+        b'"' => out.extend_from_slice(b"\\\""),
+        b'\\' => out.extend_from_slice(b"\\\\"),
+        _ => out.extend_from_slice(&[
+            b'\\',
+            b'u',
+            b'0',
+            b'0',
+            HEX[usize::from(b >> 4)],
+            HEX[usize::from(b & 0xf)],
+        ]),
+    }
+}
+
+/// The index of the first byte at or after `from` that is `"`, `\` or below
+/// 0x20 (the bytes a JSON string cannot hold raw), or `bytes.len()`.
+/// Looks at eight bytes at a time.
+#[inline]
+fn find_special(bytes: &[u8], from: usize) -> usize {
+    const ONES: u64 = 0x0101_0101_0101_0101;
+    const HIGH: u64 = 0x8080_8080_8080_8080;
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut lanes = [0u8; 8];
+        lanes.copy_from_slice(chunk);
+        // Byte k of the chunk is lane k (bits 8k..8k+8).
+        let x = u64::from_le_bytes(lanes);
+        // The classic "has a byte < n" and "has a zero byte" tests. A lane
+        // can be flagged wrongly only above a lane that is rightly flagged
+        // (borrows run upwards), so the lowest flagged lane is exact.
+        let control = x.wrapping_sub(ONES * 0x20) & !x;
+        let q = x ^ (ONES * u64::from(b'"'));
+        let quote = q.wrapping_sub(ONES) & !q;
+        let s = x ^ (ONES * u64::from(b'\\'));
+        let backslash = s.wrapping_sub(ONES) & !s;
+        let found = (control | quote | backslash) & HIGH;
+        if found != 0 {
+            return i + (found.trailing_zeros() / 8) as usize;
+        }
+        i += 8;
+    }
+    while let Some(&b) = bytes.get(i) {
+        if b < 0x20 || b == b'"' || b == b'\\' {
+            return i;
+        }
+        i += 1;
+    }
+    i
+}
+
+/// Appends the canonical form of the JSON text `json` to `out`: the same
+/// bytes as [`canonical_text`] (and the same error when there are none),
+/// in one pass over the text without building a [`Value`]. On error `out`
+/// is left as it was.
+///
+/// Uses a per-thread [`Canonicalizer`]; hold one yourself to choose where
+/// its scratch space lives.
+pub fn write_canonical_text(json: &str, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
+    thread_local! {
+        static SCRATCH: std::cell::RefCell<Canonicalizer> =
+            std::cell::RefCell::new(Canonicalizer::new());
+    }
+    // The scratch is unavailable only while the thread exits: then a fresh
+    // one does the job.
+    SCRATCH
+        .try_with(|cell| {
+            cell.try_borrow_mut()
+                .ok()
+                .map(|mut scratch| scratch.canonicalize(json, out))
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Canonicalizer::new().canonicalize(json, out))
+}
+
+/// Scratch space for writing canonical JSON straight from JSON text, kept
+/// between calls so that a warmed-up canonicaliser does not allocate.
+///
+/// Values are written to the output as they are read. An object's members
+/// are written in the order of the text, each as `"key":value`, and only
+/// if their keys are not already strictly ascending are they moved aside
+/// and copied back sorted, without the earlier of any duplicate keys.
+#[derive(Debug, Default)]
+pub struct Canonicalizer {
+    /// The members of the objects being written, innermost object last.
+    members: Vec<Member>,
+    /// The decoded keys that were written with escapes, innermost last.
+    keys: Vec<u8>,
+    /// An object's members while they are copied back in key order.
+    moved: Vec<u8>,
+}
+
+/// Scratch buffers larger than this are released after use.
+const KEEP_SCRATCH: usize = 1 << 20;
+
+/// serde_json's recursion limit: it refuses the 128th nested level.
+const MAX_DEPTH: u32 = 128;
+
+/// Keys that make serde_json read an object as a number or as embedded
+/// JSON text when it is deserialised into a [`Value`] (with the
+/// `arbitrary_precision` and `raw_value` features), when they come first.
+const PRIVATE_NUMBER_KEY: &[u8] = b"$serde_json::private::Number";
+const PRIVATE_RAW_VALUE_KEY: &[u8] = b"$serde_json::private::RawValue";
+
+/// One object member written to the output.
+#[derive(Debug, Clone, Copy)]
+struct Member {
+    /// The decoded key: `key_start..key_end` of the JSON text, or of
+    /// [`Canonicalizer::keys`] when `key_decoded`.
+    key_start: usize,
+    key_end: usize,
+    key_decoded: bool,
+    /// The key's first 8 bytes, big-endian, zero-padded: ordered like the
+    /// keys unless equal, which spares most comparisons a call to memcmp.
+    key_prefix: u64,
+    /// `"key":value` in the output.
+    start: usize,
+    end: usize,
+    /// The value holds a number with no canonical form.
+    poisoned: bool,
+}
+
+impl Member {
+    fn key<'a>(&self, text: &'a [u8], keys: &'a [u8]) -> &'a [u8] {
+        let source = if self.key_decoded { keys } else { text };
+        &source[self.key_start..self.key_end]
+    }
+
+    /// Bytewise order of the keys.
+    #[inline]
+    fn cmp_key(&self, other: &Member, text: &[u8], keys: &[u8]) -> std::cmp::Ordering {
+        self.key_prefix
+            .cmp(&other.key_prefix)
+            .then_with(|| self.key(text, keys).cmp(other.key(text, keys)))
+    }
+}
+
+/// The first 8 bytes of `source[start..end]`, big-endian, zero-padded.
+#[inline]
+fn key_prefix(source: &[u8], start: usize, end: usize) -> u64 {
+    let len = end - start;
+    if let Some(chunk) = source.get(start..start + 8) {
+        let mut lanes = [0u8; 8];
+        lanes.copy_from_slice(chunk);
+        let x = u64::from_be_bytes(lanes);
+        if len >= 8 {
+            x
+        } else {
+            // Keep the first `len` bytes (none when len is 0).
+            x & !(u64::MAX >> (8 * len))
+        }
+    } else {
+        let mut lanes = [0u8; 8];
+        for (lane, &b) in lanes.iter_mut().zip(&source[start..end]) {
+            *lane = b;
+        }
+        u64::from_be_bytes(lanes)
+    }
+}
+
+/// Why the single pass gave up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// Not one JSON text, or nested 128 levels deep.
+    Syntax,
+    /// A number in the value has an exponent outside the 64-bit range.
+    Range,
+    /// An object starts with one of serde_json's private keys.
+    PrivateKey,
+}
+
+impl Canonicalizer {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends the canonical form of `json` to `out`; see
+    /// [`write_canonical_text`]. On error `out` is left as it was.
+    pub fn canonicalize(&mut self, json: &str, out: &mut Vec<u8>) -> Result<(), CanonicalError> {
+        let start = out.len();
+        let result = self.single_pass(json, out);
+        self.release_large_scratch();
+        if result.is_ok() {
+            return Ok(());
+        }
+        // Invalid input, or a private key (which no event has in practice):
+        // the reference implementation decides, so the error or the output
+        // is exactly its own. Costs a second parse of a rejected text.
+        out.truncate(start);
+        let text = canonical_text(json)?;
+        out.extend_from_slice(text.as_bytes());
+        Ok(())
+    }
+
+    /// The canonical form in one pass, or why there is none (or, for
+    /// [`Stop::PrivateKey`], why this pass cannot tell). Leaves garbage in
+    /// `out` on error.
+    fn single_pass(&mut self, json: &str, out: &mut Vec<u8>) -> Result<(), Stop> {
+        self.members.clear();
+        self.keys.clear();
+        out.reserve(json.len() + 16);
+        let mut pass = Pass {
+            text: json,
+            src: json.as_bytes(),
+            pos: 0,
+            members: &mut self.members,
+            keys: &mut self.keys,
+            moved: &mut self.moved,
+            out,
+        };
+        pass.skip_ws();
+        let poisoned = pass.value(0)?;
+        pass.skip_ws();
+        if pass.pos != pass.src.len() {
+            return Err(Stop::Syntax);
+        }
+        if poisoned {
+            return Err(Stop::Range);
+        }
+        Ok(())
+    }
+
+    fn release_large_scratch(&mut self) {
+        if self.moved.capacity() > KEEP_SCRATCH {
+            self.moved = Vec::new();
+        }
+        if self.keys.capacity() > KEEP_SCRATCH {
+            self.keys = Vec::new();
+        }
+        if self.members.capacity() * std::mem::size_of::<Member>() > KEEP_SCRATCH {
+            self.members = Vec::new();
+        }
+    }
+}
+
+/// One run of [`Canonicalizer::single_pass`]: a recursive descent parser
+/// that writes as it reads. Its methods return whether the value they wrote
+/// is poisoned by a number without canonical form: that is an error only if
+/// the value survives (a later duplicate key can drop it), as it is for
+/// [`canonical_text`], which parses before it writes.
+struct Pass<'a, 'b> {
+    text: &'a str,
+    src: &'a [u8],
+    pos: usize,
+    members: &'b mut Vec<Member>,
+    keys: &'b mut Vec<u8>,
+    moved: &'b mut Vec<u8>,
+    out: &'b mut Vec<u8>,
+}
+
+impl Pass<'_, '_> {
+    #[inline]
+    fn peek(&self) -> Option<u8> {
+        self.src.get(self.pos).copied()
+    }
+
+    #[inline]
+    fn skip_ws(&mut self) {
+        while let Some(b' ' | b'\n' | b'\t' | b'\r') = self.peek() {
+            self.pos += 1;
+        }
+    }
+
+    /// A value at `pos` (whitespace skipped), inside `depth` arrays and
+    /// objects.
+    fn value(&mut self, depth: u32) -> Result<bool, Stop> {
+        match self.peek() {
+            Some(b'"') => {
+                self.pos += 1;
+                self.string()?;
+                Ok(false)
+            }
+            Some(b'{') => self.object(depth + 1),
+            Some(b'[') => self.array(depth + 1),
+            Some(b'-' | b'0'..=b'9') => self.number(),
+            Some(b't') => self.literal(b"true"),
+            Some(b'f') => self.literal(b"false"),
+            Some(b'n') => self.literal(b"null"),
+            _ => Err(Stop::Syntax),
+        }
+    }
+
+    fn literal(&mut self, word: &[u8]) -> Result<bool, Stop> {
+        if self.src.get(self.pos..self.pos + word.len()) != Some(word) {
+            return Err(Stop::Syntax);
+        }
+        self.pos += word.len();
+        self.out.extend_from_slice(word);
+        Ok(false)
+    }
+
+    fn number(&mut self) -> Result<bool, Stop> {
+        let src = self.src;
+        let digits_from = |mut i: usize| {
+            while let Some(b'0'..=b'9') = src.get(i) {
+                i += 1;
+            }
+            i
+        };
+        let start = self.pos;
+        let mut i = start;
+        if src.get(i) == Some(&b'-') {
+            i += 1;
+        }
+        match src.get(i) {
+            Some(b'0') => i += 1,
+            Some(b'1'..=b'9') => i = digits_from(i + 1),
+            _ => return Err(Stop::Syntax),
+        }
+        let mut plain = true;
+        if src.get(i) == Some(&b'.') {
+            plain = false;
+            let end = digits_from(i + 1);
+            if end == i + 1 {
+                return Err(Stop::Syntax);
+            }
+            i = end;
+        }
+        if let Some(b'e' | b'E') = src.get(i) {
+            plain = false;
+            i += 1;
+            if let Some(b'+' | b'-') = src.get(i) {
+                i += 1;
+            }
+            let end = digits_from(i);
+            if end == i {
+                return Err(Stop::Syntax);
+            }
+            i = end;
+        }
+        self.pos = i;
+        // An integer without trailing zeros is its own canonical form.
+        if plain && src[i - 1] != b'0' {
+            self.out.extend_from_slice(&src[start..i]);
+            return Ok(false);
+        }
+        // start and i are next to ASCII bytes, so on char boundaries.
+        match write_number(&self.text[start..i], self.out) {
+            Ok(()) => Ok(false),
+            Err(CanonicalError::ExponentOutOfRange { .. }) => Ok(true),
+            Err(_) => Err(Stop::Syntax),
+        }
+    }
+
+    /// A string value; `pos` is past the opening quote.
+    fn string(&mut self) -> Result<(), Stop> {
+        let stop = find_special(self.src, self.pos);
+        if self.src.get(stop) == Some(&b'"') {
+            // Nothing to decode or escape: copy it with its quotes.
+            self.out.extend_from_slice(&self.src[self.pos - 1..=stop]);
+            self.pos = stop + 1;
+            return Ok(());
+        }
+        self.out.push(b'"');
+        loop {
+            let stop = find_special(self.src, self.pos);
+            self.out.extend_from_slice(&self.src[self.pos..stop]);
+            match self.src.get(stop) {
+                Some(b'"') => {
+                    self.pos = stop + 1;
+                    self.out.push(b'"');
+                    return Ok(());
+                }
+                Some(b'\\') => {
+                    self.pos = stop + 1;
+                    let c = self.escape()?;
+                    if c < '\u{80}' && (c < '\u{20}' || c == '"' || c == '\\') {
+                        // The checks above make the cast lossless.
+                        push_escaped_byte(c as u8, self.out);
+                    } else {
+                        push_char(c, self.out);
+                    }
+                }
+                // A raw control character, or the end of the text.
+                _ => return Err(Stop::Syntax),
+            }
+        }
+    }
+
+    /// A key; `pos` is past its opening quote. Writes it as a canonical
+    /// string and returns the decoded key: a range of the text when it has
+    /// no escapes, else a range of `keys`.
+    fn key(&mut self) -> Result<(usize, usize, bool), Stop> {
+        let start = self.pos;
+        let stop = find_special(self.src, start);
+        match self.src.get(stop) {
+            Some(b'"') => {
+                // Nothing to decode or escape: copy it with its quotes.
+                self.pos = stop + 1;
+                self.out.extend_from_slice(&self.src[start - 1..=stop]);
+                Ok((start, stop, false))
+            }
+            Some(b'\\') => {
+                let key_start = self.keys.len();
+                self.keys.extend_from_slice(&self.src[start..stop]);
+                self.pos = stop + 1;
+                loop {
+                    let c = self.escape()?;
+                    push_char(c, self.keys);
+                    let stop = find_special(self.src, self.pos);
+                    self.keys.extend_from_slice(&self.src[self.pos..stop]);
+                    match self.src.get(stop) {
+                        Some(b'"') => {
+                            self.pos = stop + 1;
+                            break;
+                        }
+                        Some(b'\\') => self.pos = stop + 1,
+                        _ => return Err(Stop::Syntax),
+                    }
+                }
+                let key_end = self.keys.len();
+                write_str_bytes(&self.keys[key_start..key_end], self.out);
+                Ok((key_start, key_end, true))
+            }
+            _ => Err(Stop::Syntax),
+        }
+    }
+
+    /// The character of an escape; `pos` is past its backslash. Surrogates
+    /// must come in pairs, as serde_json and PostgreSQL require.
+    fn escape(&mut self) -> Result<char, Stop> {
+        let b = self.peek().ok_or(Stop::Syntax)?;
+        self.pos += 1;
+        let c = match b {
+            b'"' => '"',
+            b'\\' => '\\',
+            b'/' => '/',
+            b'b' => '\u{8}',
+            b'f' => '\u{c}',
+            b'n' => '\n',
+            b'r' => '\r',
+            b't' => '\t',
+            b'u' => {
+                let unit = self.hex4()?;
+                let scalar = match unit {
+                    0xD800..=0xDBFF => {
+                        if self.src.get(self.pos..self.pos + 2) != Some(b"\\u") {
+                            return Err(Stop::Syntax);
+                        }
+                        self.pos += 2;
+                        let low = self.hex4()?;
+                        if !(0xDC00..=0xDFFF).contains(&low) {
+                            return Err(Stop::Syntax);
+                        }
+                        0x10000 + ((unit - 0xD800) << 10) + (low - 0xDC00)
+                    }
+                    _ => unit,
+                };
+                // None for a lone trailing surrogate.
+                return char::from_u32(scalar).ok_or(Stop::Syntax);
+            }
+            _ => return Err(Stop::Syntax),
+        };
+        Ok(c)
+    }
+
+    fn hex4(&mut self) -> Result<u32, Stop> {
+        let digits = self.src.get(self.pos..self.pos + 4).ok_or(Stop::Syntax)?;
+        let mut unit = 0;
+        for &d in digits {
+            let value = match d {
+                b'0'..=b'9' => d - b'0',
+                b'a'..=b'f' => d - b'a' + 10,
+                b'A'..=b'F' => d - b'A' + 10,
+                _ => return Err(Stop::Syntax),
+            };
+            unit = unit << 4 | u32::from(value);
+        }
+        self.pos += 4;
+        Ok(unit)
+    }
+
+    fn array(&mut self, depth: u32) -> Result<bool, Stop> {
+        if depth >= MAX_DEPTH {
+            return Err(Stop::Syntax);
+        }
+        self.pos += 1;
+        self.out.push(b'[');
+        self.skip_ws();
+        if self.peek() == Some(b']') {
+            self.pos += 1;
+            self.out.push(b']');
+            return Ok(false);
+        }
+        let mut poisoned = false;
+        loop {
+            poisoned |= self.value(depth)?;
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => {
+                    self.pos += 1;
+                    self.out.push(b',');
+                    self.skip_ws();
+                }
+                Some(b']') => {
+                    self.pos += 1;
+                    self.out.push(b']');
+                    return Ok(poisoned);
+                }
+                _ => return Err(Stop::Syntax),
+            }
+        }
+    }
+
+    fn object(&mut self, depth: u32) -> Result<bool, Stop> {
+        if depth >= MAX_DEPTH {
+            return Err(Stop::Syntax);
+        }
+        self.pos += 1;
+        let open = self.out.len();
+        self.out.push(b'{');
+        self.skip_ws();
+        if self.peek() == Some(b'}') {
+            self.pos += 1;
+            self.out.push(b'}');
+            return Ok(false);
+        }
+        let base = self.members.len();
+        let keys_base = self.keys.len();
+        let mut ascending = true;
+        loop {
+            if self.peek() != Some(b'"') {
+                return Err(Stop::Syntax);
+            }
+            self.pos += 1;
+            let start = self.out.len();
+            let (key_start, key_end, key_decoded) = self.key()?;
+            let key_prefix = if key_decoded {
+                key_prefix(self.keys, key_start, key_end)
+            } else {
+                key_prefix(self.src, key_start, key_end)
+            };
+            let mut member = Member {
+                key_start,
+                key_end,
+                key_decoded,
+                key_prefix,
+                start,
+                end: start,
+                poisoned: false,
+            };
+            match self.members[base..].last() {
+                None => {
+                    let key = member.key(self.src, self.keys);
+                    if key == PRIVATE_NUMBER_KEY || key == PRIVATE_RAW_VALUE_KEY {
+                        return Err(Stop::PrivateKey);
+                    }
+                }
+                Some(previous) => {
+                    if ascending && previous.cmp_key(&member, self.src, self.keys).is_ge() {
+                        ascending = false;
+                    }
+                }
+            }
+            self.skip_ws();
+            if self.peek() != Some(b':') {
+                return Err(Stop::Syntax);
+            }
+            self.pos += 1;
+            self.out.push(b':');
+            self.skip_ws();
+            member.poisoned = self.value(depth)?;
+            member.end = self.out.len();
+            self.members.push(member);
+            self.skip_ws();
+            match self.peek() {
+                Some(b',') => {
+                    self.pos += 1;
+                    self.out.push(b',');
+                    self.skip_ws();
+                }
+                Some(b'}') => {
+                    self.pos += 1;
+                    break;
+                }
+                _ => return Err(Stop::Syntax),
+            }
+        }
+        let poisoned = if ascending {
+            // Already in canonical order, and no duplicates.
+            self.out.push(b'}');
+            self.members[base..].iter().any(|m| m.poisoned)
+        } else {
+            self.sort_members(open, base)
+        };
+        self.members.truncate(base);
+        self.keys.truncate(keys_base);
+        Ok(poisoned)
+    }
+
+    /// Rewrites the members of the object that opens at `open` (those from
+    /// `base` on) in key order, keeping only the last of equal keys, and
+    /// closes it. Returns whether a kept member is poisoned.
+    fn sort_members(&mut self, open: usize, base: usize) -> bool {
+        let (src, keys) = (self.src, &**self.keys);
+        let members = &mut self.members[base..];
+        // Equal keys stay in text order, so the last one is kept.
+        members.sort_unstable_by(|a, b| a.cmp_key(b, src, keys).then(a.start.cmp(&b.start)));
+        let body = open + 1;
+        self.moved.clear();
+        self.moved.extend_from_slice(&self.out[body..]);
+        self.out.truncate(body);
+        let mut poisoned = false;
+        let mut first = true;
+        for (i, member) in members.iter().enumerate() {
+            if let Some(next) = members.get(i + 1) {
+                if next.cmp_key(member, src, keys).is_eq() {
+                    continue;
+                }
+            }
+            if !first {
+                self.out.push(b',');
+            }
+            first = false;
+            poisoned |= member.poisoned;
+            self.out
+                .extend_from_slice(&self.moved[member.start - body..member.end - body]);
+        }
+        self.out.push(b'}');
+        poisoned
+    }
+}
+
+/// Appends `c` as UTF-8.
+#[inline]
+fn push_char(c: char, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 4];
+    out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
 }
 
 /// Appends the canonical form of a JSON number literal: `0`, or an optional
@@ -488,8 +1115,27 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
 
+    /// The canonical form by the reference implementation, after checking
+    /// that the single pass agrees.
     fn canon(json: &str) -> String {
-        canonical_text(json).unwrap()
+        let expected = canonical_text(json).unwrap();
+        assert_eq!(single(json), Ok(expected.clone()), "single pass of {json:?}");
+        assert_eq!(fast(json), Ok(expected.clone()), "fast path of {json:?}");
+        expected
+    }
+
+    /// [`write_canonical_text`], with its error as text.
+    fn fast(json: &str) -> Result<String, String> {
+        let mut out = Vec::new();
+        write_canonical_text(json, &mut out).map_err(|e| e.to_string())?;
+        Ok(String::from_utf8(out).unwrap())
+    }
+
+    /// The single pass alone, without the fallback to `canonical_text`.
+    fn single(json: &str) -> Result<String, Stop> {
+        let mut out = Vec::new();
+        Canonicalizer::new().single_pass(json, &mut out)?;
+        Ok(String::from_utf8(out).unwrap())
     }
 
     fn number(literal: &str) -> String {
@@ -577,6 +1223,8 @@ mod tests {
             );
             assert_eq!(out, b"x", "output untouched");
             assert!(canonical_text(literal).is_err());
+            assert_eq!(single(literal), Err(Stop::Range), "{literal}");
+            assert!(fast(literal).is_err());
         }
     }
 
@@ -716,9 +1364,12 @@ mod tests {
                 matches!(error, CanonicalError::Json(_)),
                 "{json:?}: {error}"
             );
+            assert_eq!(single(json), Err(Stop::Syntax), "{json:?}");
+            assert_eq!(fast(json), Err(error.to_string()), "{json:?}");
         }
         let too_deep = format!("{}{}", "[".repeat(128), "]".repeat(128));
         assert!(canonical_text(&too_deep).is_err());
+        assert_eq!(single(&too_deep), Err(Stop::Syntax));
     }
 
     #[test]
@@ -916,5 +1567,535 @@ mod tests {
         let expected: [u8; 32] = Sha256::digest([[7u8; 32].as_slice(), b"abc"].concat()).into();
         assert_eq!(chain_hash(&[7; 32], b"abc"), expected);
         assert_ne!(chain_hash(&GENESIS, b"abc"), chain_hash(&[1; 32], b"abc"));
+    }
+
+    #[test]
+    fn find_special_matches_a_byte_by_byte_scan() {
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        const BYTES: &[u8] = b"\"\\\x00\x1f\x20\x21\x7f\x80\xff\xa2\xdc\x5b\x5d aZ";
+        for _ in 0..20_000 {
+            let len = rng.gen_range(0..40);
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| {
+                    if rng.gen_bool(0.8) {
+                        BYTES[rng.gen_range(0..BYTES.len())]
+                    } else {
+                        rng.gen()
+                    }
+                })
+                .collect();
+            let from = rng.gen_range(0..=len);
+            let naive = (from..len)
+                .find(|&i| bytes[i] < 0x20 || bytes[i] == b'"' || bytes[i] == b'\\')
+                .unwrap_or(len);
+            assert_eq!(find_special(&bytes, from), naive, "{bytes:?} from {from}");
+        }
+    }
+
+    #[test]
+    fn write_str_escapes_long_runs() {
+        let s = format!("{}\"{}\\\n{}é\u{1}", "a".repeat(17), "b".repeat(9), "c".repeat(8));
+        let mut out = Vec::new();
+        write_str(&s, &mut out);
+        let expected = format!(
+            "\"{}\\\"{}\\\\\\u000a{}é\\u0001\"",
+            "a".repeat(17),
+            "b".repeat(9),
+            "c".repeat(8)
+        );
+        assert_eq!(String::from_utf8(out).unwrap(), expected);
+    }
+
+    #[test]
+    fn single_pass_handles_postgres_output() {
+        // As jsonb prints it: shorter keys first, ", " and ": ".
+        let pg = r#"{"note": "Grüße \"VIP\"\n\ttab", "items": [{"qty": 2, "sku": "A-1"}], "total": 12.50, "currency": "EUR"}"#;
+        assert_eq!(
+            canon(pg),
+            r#"{"currency":"EUR","items":[{"qty":2,"sku":"A-1"}],"note":"Grüße \"VIP\"\u000a\u0009tab","total":125e-1}"#
+        );
+        // Keys already in order take the fast path; the same bytes either way.
+        assert_eq!(canon(r#"{"a": 1, "b": {"c": [10, -0.0]}}"#), r#"{"a":1,"b":{"c":[1e1,0]}}"#);
+    }
+
+    #[test]
+    fn escaped_keys_sort_by_their_decoded_bytes() {
+        // `"` (0x22) sorts before `#`, though its escape starts with `\`.
+        assert_eq!(canon(r##"{"#":1,"\"":2}"##), r##"{"\"":2,"#":1}"##);
+        assert_eq!(canon(r#"{"\u0023":1,"\u0022":2}"#), r##"{"\"":2,"#":1}"##);
+        assert_eq!(canon(r#"{"a\nb":1,"a":2,"a\u000A":3}"#), r#"{"a":2,"a\u000a":3,"a\u000ab":1}"#);
+        assert_eq!(canon(r#"{"\ud83d\ude00":1,"😀":2}"#), "{\"😀\":2}");
+    }
+
+    #[test]
+    fn a_dropped_duplicate_may_hold_a_number_without_canonical_form() {
+        // canonical_text parses before it writes: the bad number is gone.
+        assert_eq!(canon(r#"{"a":1e99999999999999999999,"a":1}"#), r#"{"a":1}"#);
+        assert_eq!(canon(r#"{"b":0,"a":[1e-99999999999999999999],"a":{}}"#), r#"{"a":{},"b":0}"#);
+        // The one that stays has none.
+        for json in [
+            r#"{"a":1,"a":1e99999999999999999999}"#,
+            r#"{"b":0,"a":[1e99999999999999999999]}"#,
+            r#"[1,{"x":1e99999999999999999999}]"#,
+        ] {
+            assert_eq!(single(json), Err(Stop::Range), "{json}");
+            assert!(fast(json).is_err(), "{json}");
+        }
+    }
+
+    #[test]
+    fn nesting_limit_is_serde_jsons() {
+        for depth in [126, 127, 128, 129] {
+            let mut json = String::new();
+            for level in 0..depth {
+                json.push_str(if level % 3 == 0 { "{\"k\": " } else { "[ " });
+            }
+            json.push('0');
+            for level in (0..depth).rev() {
+                json.push_str(if level % 3 == 0 { "}" } else { "]" });
+            }
+            let reference = canonical_text(&json).map_err(|e| e.to_string());
+            assert_eq!(reference.is_ok(), depth <= 127, "depth {depth}");
+            assert_eq!(fast(&json), reference, "depth {depth}");
+            assert_eq!(single(&json).is_ok(), depth <= 127, "depth {depth}");
+        }
+    }
+
+    #[test]
+    fn serde_json_private_keys_behave_as_in_canonical_text() {
+        // With `arbitrary_precision` and `raw_value`, serde_json reads an
+        // object whose *first* key is one of these as a number or as
+        // embedded JSON text. The single pass hands such texts to
+        // canonical_text, so the results stay identical.
+        let number = r#"{"$serde_json::private::Number": "1.50"}"#;
+        assert_eq!(single(number), Err(Stop::PrivateKey));
+        assert_eq!(fast(number), Ok("15e-1".to_string()));
+        assert_eq!(canonical_text(number).unwrap(), "15e-1");
+        let raw = r#"[{"\u0024serde_json::private::RawValue": "{\"b\": 1, \"a\": 2}"}]"#;
+        assert_eq!(single(raw), Err(Stop::PrivateKey));
+        assert_eq!(fast(raw), Ok(r#"[{"a":2,"b":1}]"#.to_string()));
+        // Not first: an ordinary key.
+        assert_eq!(
+            canon(r#"{"a": 1, "$serde_json::private::Number": "1.50"}"#),
+            r#"{"$serde_json::private::Number":"1.50","a":1}"#
+        );
+    }
+
+    #[test]
+    fn canonicalizer_appends_and_leaves_out_alone_on_error() {
+        let mut scratch = Canonicalizer::new();
+        let mut out = b"head".to_vec();
+        scratch.canonicalize(r#"{"b": [1, {"d": 2, "c": 3}], "a": null}"#, &mut out).unwrap();
+        assert_eq!(out, br#"head{"a":null,"b":[1,{"c":3,"d":2}]}"#);
+        for bad in [r#"{"b": [1, {"d": 2, "c": 3}], "a": nul}"#, "[1e99999999999999999999]"] {
+            let error = scratch.canonicalize(bad, &mut out).unwrap_err();
+            assert_eq!(error.to_string(), canonical_text(bad).unwrap_err().to_string());
+            assert_eq!(out, br#"head{"a":null,"b":[1,{"c":3,"d":2}]}"#);
+        }
+        out.clear();
+        scratch.canonicalize(r#" {"z" :{}, "y": "\u00e9"} "#, &mut out).unwrap();
+        assert_eq!(out, "{\"y\":\"é\",\"z\":{}}".as_bytes());
+    }
+
+    /// The single pass against `canonical_text` on random texts, valid and
+    /// not: the same bytes, or errors of the same kind.
+    #[test]
+    fn single_pass_equals_canonical_text_on_random_texts() {
+        const DOCS: usize = 60_000;
+        let mut generator = TextGenerator::new(0x5eed_2026);
+        let mut scratch = Canonicalizer::new();
+        let (mut same, mut syntax, mut range, mut private) = (0, 0, 0, 0);
+        let mut max_len = 0;
+        for n in 0..DOCS {
+            let json = generator.document();
+            max_len = max_len.max(json.len());
+            let reference = canonical_text(&json);
+            let mut raw = Vec::new();
+            let pass = scratch.single_pass(&json, &mut raw);
+            match (&reference, pass) {
+                (_, Err(Stop::PrivateKey)) => {
+                    assert!(generator.used_private_key, "document {n}: {json:?}");
+                    private += 1;
+                }
+                (Ok(expected), Ok(())) => {
+                    assert_eq!(
+                        std::str::from_utf8(&raw).unwrap(),
+                        expected,
+                        "document {n}: {json:?}"
+                    );
+                    same += 1;
+                }
+                (Err(CanonicalError::Json(_)), Err(Stop::Syntax)) => syntax += 1,
+                (Err(CanonicalError::ExponentOutOfRange { .. }), Err(Stop::Range)) => range += 1,
+                (reference, pass) => {
+                    panic!("document {n}: canonical_text {reference:?}, single pass {pass:?}\n{json:?}")
+                }
+            }
+            // The public entry point: exactly canonical_text, appended.
+            let mut out = b"prefix".to_vec();
+            let result = scratch.canonicalize(&json, &mut out);
+            match (&reference, result) {
+                (Ok(expected), Ok(())) => assert_eq!(&out[6..], expected.as_bytes()),
+                (Err(expected), Err(error)) => {
+                    assert_eq!(error.to_string(), expected.to_string());
+                    assert_eq!(out, b"prefix");
+                }
+                (reference, result) => {
+                    panic!("document {n}: canonical_text {reference:?}, canonicalize {result:?}")
+                }
+            }
+        }
+        println!(
+            "{DOCS} texts (up to {max_len} bytes): {same} canonical, {syntax} invalid, \
+             {range} exponent out of range, {private} with serde_json's private keys"
+        );
+        assert!(same * 3 > DOCS, "enough valid texts: {same}");
+        assert!(syntax * 5 > DOCS, "enough invalid texts: {syntax}");
+        assert!(range * 200 > DOCS, "enough range errors: {range}");
+        assert!(private > 20, "private keys covered: {private}");
+    }
+
+    /// Random JSON texts for the single pass: every escape, unicode, all
+    /// number forms, duplicate keys, whitespace everywhere, nesting around
+    /// the limit, serde_json's private keys, and corrupted texts.
+    struct TextGenerator {
+        rng: rand::rngs::StdRng,
+        used_private_key: bool,
+    }
+
+    impl TextGenerator {
+        fn new(seed: u64) -> Self {
+            use rand::SeedableRng;
+            Self {
+                rng: rand::rngs::StdRng::seed_from_u64(seed),
+                used_private_key: false,
+            }
+        }
+
+        fn document(&mut self) -> String {
+            use rand::Rng;
+            self.used_private_key = false;
+            let mut out = String::new();
+            self.ws(&mut out);
+            match self.rng.gen_range(0..100) {
+                0..=5 => {
+                    let depth = self.rng.gen_range(120..=130);
+                    self.deep(depth, &mut out);
+                }
+                6..=59 => self.object(0, &mut out),
+                60..=79 => self.array(0, &mut out),
+                _ => self.value(3, &mut out),
+            }
+            self.ws(&mut out);
+            if self.rng.gen_bool(0.3) {
+                self.corrupt(&mut out);
+            }
+            out
+        }
+
+        /// One random edit that usually makes the text invalid.
+        fn corrupt(&mut self, text: &mut String) {
+            use rand::Rng;
+            const INSERTS: &[&str] = &[
+                ",", ":", "{", "}", "[", "]", "\"", "\\", "\\u", "\\ud800", "\\udc00", "0",
+                "-", ".", "e", "+", "01", "1.", "tru", "nul", "\u{0}", "\u{1f}", "\u{feff}",
+                "\u{a0}", "\u{b}", "\u{c}", " ", "x", "/", "//", "/*", "NaN", "é",
+            ];
+            let boundaries: Vec<usize> = text
+                .char_indices()
+                .map(|(i, _)| i)
+                .chain([text.len()])
+                .collect();
+            let at = boundaries[self.rng.gen_range(0..boundaries.len())];
+            match self.rng.gen_range(0..5) {
+                0 => text.truncate(at),
+                1 if at < text.len() => {
+                    text.remove(at);
+                }
+                2 => text.insert_str(0, INSERTS[self.rng.gen_range(0..INSERTS.len())]),
+                3 => text.push_str(INSERTS[self.rng.gen_range(0..INSERTS.len())]),
+                _ => text.insert_str(at, INSERTS[self.rng.gen_range(0..INSERTS.len())]),
+            }
+        }
+
+        fn deep(&mut self, depth: usize, out: &mut String) {
+            use rand::Rng;
+            let mut closers = Vec::with_capacity(depth);
+            for _ in 0..depth {
+                if self.rng.gen_bool(0.5) {
+                    out.push('[');
+                    self.ws(out);
+                    if self.rng.gen_bool(0.2) {
+                        self.value(4, out);
+                        out.push(',');
+                    }
+                    closers.push(']');
+                } else {
+                    out.push('{');
+                    if self.rng.gen_bool(0.2) {
+                        self.string(out);
+                        out.push(':');
+                        self.value(4, out);
+                        out.push(',');
+                    }
+                    self.string(out);
+                    out.push(':');
+                    closers.push('}');
+                }
+            }
+            self.value(4, out);
+            for closer in closers.into_iter().rev() {
+                self.ws(out);
+                out.push(closer);
+            }
+        }
+
+        fn value(&mut self, depth: usize, out: &mut String) {
+            use rand::Rng;
+            let choice = if depth >= 4 {
+                self.rng.gen_range(2..10)
+            } else {
+                self.rng.gen_range(0..10)
+            };
+            match choice {
+                0 | 1 => self.object(depth + 1, out),
+                2 => self.array(depth + 1, out),
+                3 | 4 => self.string(out),
+                5..=8 => self.number(out),
+                _ => out.push_str(["true", "false", "null"][self.rng.gen_range(0..3)]),
+            }
+        }
+
+        fn object(&mut self, depth: usize, out: &mut String) {
+            use rand::Rng;
+            out.push('{');
+            self.ws(out);
+            let members = self.rng.gen_range(0..8);
+            let mut keys: Vec<String> = Vec::new();
+            for i in 0..members {
+                if i > 0 {
+                    out.push(',');
+                    self.ws(out);
+                }
+                if i == 0 && self.rng.gen_bool(0.01) {
+                    self.private(out);
+                    self.ws(out);
+                    break;
+                }
+                let key = if !keys.is_empty() && self.rng.gen_bool(0.3) {
+                    keys[self.rng.gen_range(0..keys.len())].clone()
+                } else {
+                    let key = self.key();
+                    keys.push(key.clone());
+                    key
+                };
+                self.spell(&key, out);
+                self.ws(out);
+                out.push(':');
+                self.ws(out);
+                self.value(depth, out);
+                self.ws(out);
+            }
+            out.push('}');
+        }
+
+        /// A member with one of serde_json's private keys.
+        fn private(&mut self, out: &mut String) {
+            use rand::Rng;
+            self.used_private_key = true;
+            let key = if self.rng.gen_bool(0.5) {
+                "$serde_json::private::Number"
+            } else {
+                "$serde_json::private::RawValue"
+            };
+            self.spell(key, out);
+            out.push(':');
+            let mut inner = String::new();
+            match self.rng.gen_range(0..3) {
+                0 => self.number(&mut inner),
+                1 => self.value(3, &mut inner),
+                _ => inner.push_str("not json"),
+            }
+            if self.rng.gen_bool(0.8) {
+                self.spell(&inner, out);
+            } else {
+                out.push_str(&inner);
+            }
+            if self.rng.gen_bool(0.2) {
+                out.push_str(",\"more\":1");
+            }
+        }
+
+        fn array(&mut self, depth: usize, out: &mut String) {
+            use rand::Rng;
+            out.push('[');
+            self.ws(out);
+            let items = self.rng.gen_range(0..6);
+            for i in 0..items {
+                if i > 0 {
+                    out.push(',');
+                    self.ws(out);
+                }
+                self.value(depth, out);
+                self.ws(out);
+            }
+            out.push(']');
+        }
+
+        fn key(&mut self) -> String {
+            use rand::Rng;
+            const POOL: &[&str] = &[
+                "a", "b", "A", "aa", "ab", "", "é", "e\u{301}", "ß", "z", "k1", "k10", "k2",
+                "\u{ff61}", "\u{1f600}", "\u{10000}", "id", "ID", "a b", "\"", "#", "!", "\\",
+                "]", "\n", "\u{1}", "\u{7f}", "a\n", "a\u{0}", "$enc", "kid", "amount",
+            ];
+            if self.rng.gen_bool(0.7) {
+                POOL[self.rng.gen_range(0..POOL.len())].to_string()
+            } else {
+                self.text()
+            }
+        }
+
+        fn string(&mut self, out: &mut String) {
+            use rand::Rng;
+            if self.rng.gen_bool(0.02) {
+                // Broken escapes and raw controls.
+                const BAD: &[&str] = &[
+                    "\"\\ud800\"", "\"\\udc00\"", "\"\\ud800\\u0041\"", "\"\\ud800\\n\"",
+                    "\"\\udbff\\ud800\"", "\"\\u12\"", "\"\\u12g4\"", "\"\\x41\"", "\"\\'\"",
+                    "\"\t\"", "\"a\nb\"", "\"\\U0041\"", "\"\\ud83d\\ude00\\ud83d\"",
+                ];
+                out.push_str(BAD[self.rng.gen_range(0..BAD.len())]);
+                return;
+            }
+            let text = self.text();
+            self.spell(&text, out);
+        }
+
+        fn text(&mut self) -> String {
+            use rand::Rng;
+            const OTHER: &[char] = &[
+                'é', 'ß', 'Ω', '中', '\u{80}', '\u{a0}', '\u{2028}', '\u{feff}', '\u{fffd}',
+                '\u{ffff}', '\u{d7ff}', '\u{e000}', '😀', '\u{10000}', '\u{10ffff}', '\u{7f}',
+                '"', '\\', '/',
+            ];
+            let len = if self.rng.gen_bool(0.05) {
+                self.rng.gen_range(20..200)
+            } else {
+                self.rng.gen_range(0..16)
+            };
+            (0..len)
+                .map(|_| match self.rng.gen_range(0..10) {
+                    0..=5 => char::from(self.rng.gen_range(0x20u8..0x7f)),
+                    6 | 7 => OTHER[self.rng.gen_range(0..OTHER.len())],
+                    _ => char::from(self.rng.gen_range(0u8..0x20)),
+                })
+                .collect()
+        }
+
+        /// `text` as a JSON string, each character raw or escaped at random.
+        fn spell(&mut self, text: &str, out: &mut String) {
+            use rand::Rng;
+            out.push('"');
+            for c in text.chars() {
+                let short = match c {
+                    '"' => Some("\\\""),
+                    '\\' => Some("\\\\"),
+                    '/' => Some("\\/"),
+                    '\u{8}' => Some("\\b"),
+                    '\u{c}' => Some("\\f"),
+                    '\n' => Some("\\n"),
+                    '\r' => Some("\\r"),
+                    '\t' => Some("\\t"),
+                    _ => None,
+                };
+                let must_escape = c < '\u{20}' || c == '"' || c == '\\';
+                if !must_escape && self.rng.gen_bool(0.75) {
+                    out.push(c);
+                } else if let Some(short) = short.filter(|_| self.rng.gen_bool(0.5)) {
+                    out.push_str(short);
+                } else {
+                    let upper = self.rng.gen_bool(0.5);
+                    let mut units = [0u16; 2];
+                    for unit in c.encode_utf16(&mut units) {
+                        if upper {
+                            out.push_str(&format!("\\u{unit:04X}"));
+                        } else {
+                            out.push_str(&format!("\\u{unit:04x}"));
+                        }
+                    }
+                }
+            }
+            out.push('"');
+        }
+
+        fn number(&mut self, out: &mut String) {
+            use rand::Rng;
+            if self.rng.gen_bool(0.02) {
+                const BAD: &[&str] = &[
+                    "01", "-01", "1.", ".5", "+1", "1e", "1e+", "-", "1.e5", "--1", "0x1", "1E-",
+                    "-.5", "00",
+                ];
+                out.push_str(BAD[self.rng.gen_range(0..BAD.len())]);
+                return;
+            }
+            if self.rng.gen_bool(0.2) {
+                out.push('-');
+            }
+            if self.rng.gen_bool(0.25) {
+                out.push('0');
+            } else {
+                let len = if self.rng.gen_bool(0.05) {
+                    self.rng.gen_range(20..60)
+                } else {
+                    self.rng.gen_range(1..8)
+                };
+                out.push(char::from(self.rng.gen_range(b'1'..=b'9')));
+                self.digits(len - 1, out);
+            }
+            if self.rng.gen_bool(0.4) {
+                out.push('.');
+                let len = self.rng.gen_range(1..12);
+                self.digits(len, out);
+            }
+            if self.rng.gen_bool(0.3) {
+                out.push(if self.rng.gen_bool(0.5) { 'e' } else { 'E' });
+                match self.rng.gen_range(0..3) {
+                    0 => out.push('-'),
+                    1 => out.push('+'),
+                    _ => {}
+                }
+                out.push_str(&"0".repeat(self.rng.gen_range(0..3)));
+                let exponent: u128 = match self.rng.gen_range(0..100) {
+                    // Around and beyond the 64-bit limit.
+                    0..=2 => self.rng.gen_range(9_223_372_036_854_775_790..9_223_372_036_854_775_830),
+                    3 => self.rng.gen_range(0..u128::MAX),
+                    4..=9 => self.rng.gen_range(40..100_000),
+                    _ => self.rng.gen_range(0..40),
+                };
+                out.push_str(&exponent.to_string());
+            }
+        }
+
+        fn digits(&mut self, len: usize, out: &mut String) {
+            use rand::Rng;
+            for _ in 0..len {
+                let d = if self.rng.gen_bool(0.35) {
+                    b'0'
+                } else {
+                    self.rng.gen_range(b'0'..=b'9')
+                };
+                out.push(char::from(d));
+            }
+        }
+
+        fn ws(&mut self, out: &mut String) {
+            use rand::Rng;
+            const WS: &[&str] = &[" ", "\n", "\t", "\r", "\r\n", "  ", " \t\n "];
+            if self.rng.gen_bool(0.3) {
+                out.push_str(WS[self.rng.gen_range(0..WS.len())]);
+            }
+        }
     }
 }

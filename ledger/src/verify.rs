@@ -273,7 +273,7 @@ async fn verify_share(
             state.broken = true;
             let what = if position > expected {
                 format!(
-                    "expected position {expected} next but found {position}: {} event(s) missing (deleted rows)",
+                    "expected position {expected} next but found {position}: {} event(s) missing (deleted) or rows out of order (swapped)",
                     position - expected
                 )
             } else {

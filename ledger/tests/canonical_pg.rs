@@ -7,7 +7,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sqlx::{Connection, PgConnection};
 
-use audit_ledger::canonical::canonical_text;
+use audit_ledger::canonical::{canonical_text, write_canonical_text, Canonicalizer};
 use audit_ledger::testing::TestDatabase;
 
 const SEED: u64 = 20_261_127;
@@ -21,6 +21,11 @@ async fn canonical_form_survives_jsonb() {
         .iter()
         .map(|text| canonical_text(text).unwrap_or_else(|e| panic!("{e}: {text}")))
         .collect();
+    // The single-pass canonicaliser agrees on the texts the node receives.
+    let mut scratch = Canonicalizer::new();
+    for (original, canonical) in originals.iter().zip(&canonicals) {
+        assert_eq!(fast(&mut scratch, original), *canonical, "fast path of {original}");
+    }
 
     let db = TestDatabase::create().await.expect("test database");
     let mut conn = PgConnection::connect(&db.url).await.expect("connect");
@@ -101,6 +106,15 @@ async fn canonical_form_survives_jsonb() {
             canonical,
             "document {i}: canonical(original) != canonical(jsonb text)\noriginal: {original}\njsonb: {pg_text}"
         );
+        // What a verifier runs on what PostgreSQL prints: the same bytes.
+        assert_eq!(
+            &fast(&mut scratch, &pg_text),
+            canonical,
+            "document {i}: the fast path differs on the jsonb text\njsonb: {pg_text}"
+        );
+        let mut appended = b"x".to_vec();
+        write_canonical_text(&pg_text, &mut appended).unwrap();
+        assert_eq!(&appended[1..], canonical.as_bytes(), "document {i}");
         assert_eq!(
             canonical_error, None,
             "document {i}: PostgreSQL rejects the canonical text {canonical}"
@@ -142,6 +156,15 @@ async fn canonical_form_survives_jsonb() {
 
     conn.close().await.expect("close");
     db.drop_database().await;
+}
+
+/// `Canonicalizer::canonicalize` as a string; panics on error.
+fn fast(scratch: &mut Canonicalizer, json: &str) -> String {
+    let mut out = Vec::new();
+    scratch
+        .canonicalize(json, &mut out)
+        .unwrap_or_else(|e| panic!("{e}: {json}"));
+    String::from_utf8(out).expect("canonical JSON is UTF-8")
 }
 
 /// One document as PostgreSQL stored it, and how it read the canonical text.

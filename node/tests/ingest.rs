@@ -22,6 +22,7 @@ async fn stores_100k_records_exactly_once() {
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once");
+    h.assert_verifies().await;
     h.finish().await;
 }
 
@@ -111,6 +112,7 @@ async fn survives_kill_9_mid_stream() {
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once after kill -9");
+    h.assert_verifies().await;
     h.finish().await;
 }
 
@@ -148,6 +150,7 @@ async fn second_node_takes_over_a_killed_nodes_partitions() {
     check_exactly_once(&pool, produced)
         .await
         .expect("exactly once after a member died");
+    h.assert_verifies().await;
     h.finish().await;
 }
 

@@ -96,6 +96,14 @@ pub fn protect_payload<'p>(
                 protected.blind_tokens.push(token);
             }
         }
+        // The plaintext is the value as the producer wrote it (numbers keep
+        // their spelling: `100` reads back as `100`, not `1e2`); only the
+        // blind index needs the canonical form.
+        buffer.clear();
+        serde_json::to_writer(&mut buffer, &*slot).map_err(|e| ProtectError::Canonical {
+            pointer: pointer.to_string(),
+            message: e.to_string(),
+        })?;
         let mut nonce = [0u8; NONCE_LEN];
         rng.fill_bytes(&mut nonce);
         key.cipher()

@@ -28,6 +28,7 @@ fields = [
     "/customer/address",
     "/shipping_address",
     "/billing_address",
+    "/signed_by",
     "/payment/card/number",
     "/payment/card/expiry",
     "/payment/card/holder",

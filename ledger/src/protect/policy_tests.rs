@@ -52,6 +52,7 @@ fn default_policy_is_valid() {
         "/customer/address",
         "/shipping_address",
         "/billing_address",
+        "/signed_by",
         "/payment/card/number",
         "/payment/card/expiry",
         "/payment/card/holder",

@@ -429,6 +429,24 @@ impl Harness {
         wait_all_stored(&self.pool, &self.group, produced, timeout).await;
     }
 
+    /// `audit-node verify` with this world's keys and published
+    /// checkpoints; panics with its report unless every chain verifies.
+    pub async fn assert_verifies(&self) {
+        let output = tokio::process::Command::new(BIN)
+            .args(["verify", "--database-url", &self.db.url, "--state-dir"])
+            .arg(&self.state)
+            .env("AUDIT_LOG", "warn")
+            .output()
+            .await
+            .expect("run verify");
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success() && stdout.contains("verify: OK"),
+            "verify failed:\n{stdout}{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
     pub async fn finish(self) {
         self.pool.close().await;
         self.db.drop_database().await;
