@@ -419,26 +419,24 @@ impl Pass<'_, '_> {
             i
         };
         let start = self.pos;
-        let mut i = start;
-        if src.get(i) == Some(&b'-') {
-            i += 1;
-        }
-        match src.get(i) {
-            Some(b'0') => i += 1,
-            Some(b'1'..=b'9') => i = digits_from(i + 1),
+        let negative = src.get(start) == Some(&b'-');
+        let int_start = start + usize::from(negative);
+        let int_end = match src.get(int_start) {
+            Some(b'0') => int_start + 1,
+            Some(b'1'..=b'9') => digits_from(int_start + 1),
             _ => return Err(Stop::Syntax),
-        }
-        let mut plain = true;
+        };
+        let mut i = int_end;
+        let mut frac = &src[i..i];
         if src.get(i) == Some(&b'.') {
-            plain = false;
             let end = digits_from(i + 1);
             if end == i + 1 {
                 return Err(Stop::Syntax);
             }
+            frac = &src[i + 1..end];
             i = end;
         }
         if let Some(b'e' | b'E') = src.get(i) {
-            plain = false;
             i += 1;
             if let Some(b'+' | b'-') = src.get(i) {
                 i += 1;
@@ -447,20 +445,48 @@ impl Pass<'_, '_> {
             if end == i {
                 return Err(Stop::Syntax);
             }
-            i = end;
+            self.pos = end;
+            // start and end are next to ASCII bytes, so on char boundaries.
+            return match write_number(&self.text[start..end], self.out) {
+                Ok(()) => Ok(false),
+                Err(CanonicalError::ExponentOutOfRange { .. }) => Ok(true),
+                Err(_) => Err(Stop::Syntax),
+            };
         }
         self.pos = i;
-        // An integer without trailing zeros is its own canonical form.
-        if plain && src[i - 1] != b'0' {
-            self.out.extend_from_slice(&src[start..i]);
-            return Ok(false);
+        // No exponent (as PostgreSQL prints numbers): write_number's rules,
+        // with the exponent known to be small.
+        let int = &src[int_start..int_end];
+        let frac_kept = trim_end_zeros(frac);
+        if frac_kept.is_empty() {
+            let digits = trim_end_zeros(int);
+            if digits.is_empty() {
+                self.out.push(b'0');
+                return Ok(false);
+            }
+            if negative {
+                self.out.push(b'-');
+            }
+            self.out.extend_from_slice(digits);
+            if digits.len() < int.len() {
+                self.out.push(b'e');
+                push_usize(int.len() - digits.len(), self.out);
+            }
+        } else {
+            if negative {
+                self.out.push(b'-');
+            }
+            if int == b"0" {
+                let first = frac_kept.iter().position(|&d| d != b'0').unwrap_or(0);
+                self.out.extend_from_slice(&frac_kept[first..]);
+            } else {
+                self.out.extend_from_slice(int);
+                self.out.extend_from_slice(frac_kept);
+            }
+            self.out.extend_from_slice(b"e-");
+            push_usize(frac_kept.len(), self.out);
         }
-        // start and i are next to ASCII bytes, so on char boundaries.
-        match write_number(&self.text[start..i], self.out) {
-            Ok(()) => Ok(false),
-            Err(CanonicalError::ExponentOutOfRange { .. }) => Ok(true),
-            Err(_) => Err(Stop::Syntax),
-        }
+        Ok(false)
     }
 
     /// A string value; `pos` is past the opening quote.
@@ -651,7 +677,7 @@ impl Pass<'_, '_> {
             } else {
                 key_prefix(self.src, key_start, key_end)
             };
-            let mut member = Member {
+            let member = Member {
                 key_start,
                 key_end,
                 key_decoded,
@@ -680,9 +706,14 @@ impl Pass<'_, '_> {
             self.pos += 1;
             self.out.push(b':');
             self.skip_ws();
-            member.poisoned = self.value(depth)?;
-            member.end = self.out.len();
-            self.members.push(member);
+            let poisoned = self.value(depth)?;
+            // Built whole here: the CPU forwards one wide store better than
+            // fields updated one by one.
+            self.members.push(Member {
+                end: self.out.len(),
+                poisoned,
+                ..member
+            });
             self.skip_ws();
             match self.peek() {
                 Some(b',') => {
@@ -740,6 +771,19 @@ impl Pass<'_, '_> {
         self.out.push(b'}');
         poisoned
     }
+}
+
+/// `digits` without its trailing zeros.
+#[inline]
+fn trim_end_zeros(digits: &[u8]) -> &[u8] {
+    let kept = digits.iter().rposition(|&d| d != b'0').map_or(0, |last| last + 1);
+    &digits[..kept]
+}
+
+fn push_usize(n: usize, out: &mut Vec<u8>) {
+    let mut buf = [0u8; 20];
+    // usize is at most 64 bits wide.
+    out.extend_from_slice(decimal(n as u64, &mut buf));
 }
 
 /// Appends `c` as UTF-8.

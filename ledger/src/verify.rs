@@ -48,6 +48,10 @@ impl std::fmt::Display for Problem {
 pub struct ChainSummary {
     pub length: u64,
     pub checkpoints: usize,
+    /// The last verified event's hash.
+    pub head: Option<[u8; 32]>,
+    /// Verification stopped at a problem in this chain.
+    pub broken: bool,
 }
 
 #[derive(Debug, Default)]
@@ -101,12 +105,21 @@ impl ChainState {
 pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let mut chains: HashMap<String, ChainState> = HashMap::new();
+    // One snapshot for every query and worker, so a store that keeps
+    // ingesting meanwhile is verified as of one instant.
+    let mut coordinator = pool.acquire().await?;
+    sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        .execute(&mut *coordinator)
+        .await?;
+    let snapshot: String = sqlx::query_scalar("SELECT pg_export_snapshot()")
+        .fetch_one(&mut *coordinator)
+        .await?;
 
     // Checkpoints, from the database and from outside it.
     let rows = sqlx::query(
         "SELECT chain_id, tree_size, root_hash, signed_at, key_id, signature FROM checkpoints",
     )
-    .fetch_all(pool)
+    .fetch_all(&mut *coordinator)
     .await?;
     let mut all: Vec<(Checkpoint, &'static str)> = Vec::new();
     for row in rows {
@@ -165,7 +178,7 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
     // checkpoint speaks of (a chain whose rows were all deleted has none).
     let mut ids: Vec<String> =
         sqlx::query_scalar("SELECT DISTINCT chain_id FROM events WHERE chain_id IS NOT NULL")
-            .fetch_all(pool)
+            .fetch_all(&mut *coordinator)
             .await?;
     for id in chains.keys() {
         if !ids.contains(id) {
@@ -188,8 +201,19 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
         let pool = pool.clone();
         let max_problems = options.max_problems;
         // The first worker also reports rows outside every chain.
+        let snapshot = snapshot.clone();
         tasks.push(tokio::spawn(async move {
-            verify_share(&pool, ids, states, i == 0, max_problems).await
+            let mut conn = pool.acquire().await?;
+            sqlx::query("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+                .execute(&mut *conn)
+                .await?;
+            // The id is PostgreSQL's own, not user input.
+            sqlx::query(&format!("SET TRANSACTION SNAPSHOT '{snapshot}'"))
+                .execute(&mut *conn)
+                .await?;
+            let report = verify_share(&mut conn, ids, states, i == 0, max_problems).await;
+            let _ = sqlx::query("COMMIT").execute(&mut *conn).await;
+            report
         }));
     }
     for task in tasks {
@@ -202,9 +226,44 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
             let entry = report.chains.entry(chain).or_default();
             entry.length += summary.length;
             entry.checkpoints += summary.checkpoints;
+            entry.head = entry.head.or(summary.head);
+            entry.broken |= summary.broken;
         }
         for problem in part.problems {
             push(&mut report, options, problem);
+        }
+    }
+    // The chains table must agree with the events: a shorter chain whose
+    // tail is not covered by any checkpoint is still caught here, unless the
+    // attacker also rewrote this row.
+    let heads = sqlx::query("SELECT chain_id, length, head_hash FROM chains")
+        .fetch_all(&mut *coordinator)
+        .await?;
+    sqlx::query("COMMIT").execute(&mut *coordinator).await?;
+    for row in heads {
+        let chain_id: String = row.try_get(0)?;
+        let length: i64 = row.try_get(1)?;
+        let head: Vec<u8> = row.try_get(2)?;
+        let found = report.chains.get(&chain_id).cloned().unwrap_or_default();
+        if found.broken {
+            continue;
+        }
+        let found_head = found.head.map(|h| h.to_vec()).unwrap_or_else(|| GENESIS.to_vec());
+        if length < 0 || length as u64 != found.length || head != found_head {
+            push(
+                &mut report,
+                options,
+                Problem {
+                    chain_id: chain_id.clone(),
+                    position: Some(found.length),
+                    seq: None,
+                    event_id: None,
+                    what: format!(
+                        "the chains table records {length} events and a different head than the {} events found: events were cut from the end of the chain (or the head was rewritten)",
+                        found.length
+                    ),
+                },
+            );
         }
     }
     report.problems.sort_by(|a, b| (a.seq, &a.chain_id).cmp(&(b.seq, &b.chain_id)));
@@ -214,7 +273,7 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
 
 /// Verifies some chains: one pass over their rows in `seq` order.
 async fn verify_share(
-    pool: &PgPool,
+    conn: &mut sqlx::PgConnection,
     ids: Vec<String>,
     mut chains: HashMap<String, ChainState>,
     unchained: bool,
@@ -231,7 +290,7 @@ async fn verify_share(
     )
     .bind(&ids)
     .bind(unchained)
-    .fetch(pool);
+    .fetch(&mut *conn);
     let mut buffer = Vec::with_capacity(4096);
     while let Some(row) = stream.try_next().await? {
         report.events += 1;
@@ -335,7 +394,10 @@ async fn verify_share(
         }
     }
     for (chain_id, state) in chains {
-        report.chains.entry(chain_id.clone()).or_default().length = state.next_position;
+        let summary = report.chains.entry(chain_id.clone()).or_default();
+        summary.length = state.next_position;
+        summary.head = (state.next_position > 0).then_some(state.prev);
+        summary.broken = state.broken;
         if state.broken {
             continue;
         }

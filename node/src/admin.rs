@@ -241,6 +241,11 @@ pub async fn subjects(command: SubjectsCommand) -> anyhow::Result<()> {
             .unwrap_or_else(|| "(none existed)".into()),
         erasure.event_id
     );
+    if !erasure.vacuumed {
+        println!(
+            "note: this role may not VACUUM subject_keys; the deleted row stays in the table file until autovacuum (run VACUUM subject_keys as its owner to remove it now)"
+        );
+    }
     Ok(())
 }
 

@@ -99,6 +99,10 @@ pub async fn start(
                     if let Some(c) = maintenance_store.checkpointer() {
                         c.flush_due(maintenance_store.pool()).await;
                     }
+                    // Expired data keys leave memory even on an idle node.
+                    if let Some(p) = maintenance_store.protection() {
+                        p.keyring().sweep();
+                    }
                 }
             }
         }

@@ -1125,11 +1125,12 @@ async fn copy_database(url: &str, source: &str, copy: &str) {
                     .unwrap_or_default();
                     panic!("{source} stays in use: {e}; connected: {who:?}");
                 }
-                // Autovacuum of the freshly loaded source holds a connection
-                // to it; it restarts later on its own.
+                // Autovacuum of the freshly loaded source, or a pooled
+                // connection the server has not reaped yet, still holds it.
+                // Every writer is stopped by now, so cutting them off is safe.
                 let _ = sqlx::query(
                     "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
-                     WHERE datname = $1 AND pid <> pg_backend_pid() AND backend_type = 'autovacuum worker'",
+                     WHERE datname = $1 AND pid <> pg_backend_pid()",
                 )
                 .bind(source)
                 .execute(&mut admin)

@@ -258,6 +258,10 @@ impl PgEventStore {
         self
     }
 
+    pub fn protection(&self) -> Option<&Arc<Protection>> {
+        self.protection.as_ref()
+    }
+
     pub fn checkpointer(&self) -> Option<&Arc<Checkpointer>> {
         self.checkpoints.as_ref()
     }

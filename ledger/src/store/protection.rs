@@ -82,10 +82,15 @@ struct Cached {
     at: Instant,
 }
 
+/// How often the cache drops expired keys, so an erased subject's key
+/// leaves memory even if that subject never comes up again.
+const SWEEP_EVERY: Duration = Duration::from_secs(10);
+
 /// Data keys by subject, cached in memory for [`KEY_CACHE_TTL`].
 pub struct Keyring {
     provider: Arc<dyn KeyProvider>,
     cache: Mutex<HashMap<String, Cached>>,
+    swept: Mutex<Instant>,
 }
 
 impl Keyring {
@@ -93,7 +98,21 @@ impl Keyring {
         Self {
             provider,
             cache: Mutex::new(HashMap::new()),
+            swept: Mutex::new(Instant::now()),
         }
+    }
+
+    /// Drops every expired key (their bytes are zeroized on drop).
+    pub fn sweep(&self) {
+        {
+            let mut swept = self.swept.lock().unwrap_or_else(|p| p.into_inner());
+            if swept.elapsed() < SWEEP_EVERY {
+                return;
+            }
+            *swept = Instant::now();
+        }
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        cache.retain(|_, c| c.at.elapsed() < KEY_CACHE_TTL);
     }
 
     pub fn provider(&self) -> &Arc<dyn KeyProvider> {
@@ -128,6 +147,7 @@ impl Keyring {
         subjects: &[&str],
         create: bool,
     ) -> Result<HashMap<String, SubjectKey>, StoreError> {
+        self.sweep();
         let mut out = HashMap::with_capacity(subjects.len());
         let mut missing: Vec<&str> = Vec::new();
         for s in subjects {
@@ -280,7 +300,14 @@ pub async fn prepare(
     let mut payloads = Vec::with_capacity(events.len());
     let mut subjects = Vec::with_capacity(events.len());
     for event in events {
-        let payload: Result<Value, _> = serde_json::from_str(event.payload.get());
+        // With `arbitrary_precision`, serde_json reads an object keyed by its
+        // private token as a number: refuse rather than store altered data.
+        let text = event.payload.get();
+        let payload: Result<Value, String> = if text.contains("$serde_json::private::") {
+            Err("the payload uses the reserved key prefix `$serde_json::private::`".into())
+        } else {
+            serde_json::from_str(text).map_err(|e| e.to_string())
+        };
         let subject = match (&payload, protection) {
             (_, None) => None,
             (Ok(p), Some(protection)) => event
@@ -306,7 +333,7 @@ pub async fn prepare(
     for ((event, payload), subject) in events.iter().zip(payloads).zip(subjects) {
         let result = match payload {
             Err(e) => Err(DeadLetterReason::Unprotectable {
-                error: format!("payload cannot be re-read: {e}"),
+                error: format!("payload cannot be stored: {e}"),
             }),
             Ok(payload) => store_form(
                 protection,
@@ -358,7 +385,14 @@ fn store_form(
                 blind_index = protected.blind_tokens;
             }
             // Personal data of an erased subject is not stored again.
-            Some(SubjectKey::Erased) => protect::erase_fields(&mut payload, fields),
+            Some(SubjectKey::Erased) => {
+                if let Some(pointer) = protect::cipher::find_envelope(&payload) {
+                    return Err(unprotectable(&format!(
+                        "the payload holds a `$enc` object at {pointer}; that key is reserved for encrypted fields"
+                    )));
+                }
+                protect::erase_fields(&mut payload, fields)
+            }
             None => {
                 return Err(unprotectable(&format!(
                     "no data key for subject {key_subject:?}"

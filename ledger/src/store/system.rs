@@ -94,6 +94,8 @@ pub struct Erasure {
     pub already_erased: bool,
     /// The system chain's head after the erasure event (None if already erased).
     pub system_chain_length: Option<u64>,
+    /// Whether the deleted key row was vacuumed away at once.
+    pub vacuumed: bool,
 }
 
 /// Erases a data subject: destroys its data key and records the erasure as
@@ -166,9 +168,21 @@ pub async fn erase_subject(
     }
     tx.commit().await?;
     // The deleted key row stays in the table file until vacuumed; vacuum now
-    // so no copy of the wrapped key lingers in the live database.
-    if let Err(error) = sqlx::query("VACUUM subject_keys").execute(pool).await {
-        tracing::warn!(%error, "VACUUM subject_keys failed; the deleted wrapped key stays on disk until autovacuum");
+    // so no copy of the wrapped key lingers in the live database. PostgreSQL
+    // silently skips VACUUM for a role that does not own the table.
+    let may_vacuum: bool = sqlx::query_scalar(
+        "SELECT pg_has_role(current_user, c.relowner, 'USAGE') OR r.rolsuper
+         FROM pg_class c, pg_roles r
+         WHERE c.oid = 'subject_keys'::regclass AND r.rolname = current_user",
+    )
+    .fetch_one(pool)
+    .await
+    .unwrap_or(false);
+    let vacuumed = may_vacuum && sqlx::query("VACUUM subject_keys").execute(pool).await.is_ok();
+    if !vacuumed {
+        tracing::warn!(
+            "VACUUM subject_keys not possible for this role; the deleted wrapped key stays in the table file until autovacuum removes it"
+        );
     }
     Ok((
         Erasure {
@@ -178,6 +192,7 @@ pub async fn erase_subject(
             key_id,
             already_erased: false,
             system_chain_length: Some(head.length),
+            vacuumed,
         },
         Some(head),
     ))
@@ -201,6 +216,7 @@ async fn previous(
             key_id: row.try_get(2)?,
             already_erased: true,
             system_chain_length: None,
+            vacuumed: false,
         })
     })
     .transpose()
