@@ -138,7 +138,10 @@ fn time_per_doc<T>(items: &[T], mut run: impl FnMut(&T)) -> f64 {
 /// keys already in bytewise order (the single pass then moves nothing).
 fn key_order(value: &Value) -> (usize, usize) {
     match value {
-        Value::Array(items) => items.iter().map(key_order).fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
+        Value::Array(items) => items
+            .iter()
+            .map(key_order)
+            .fold((0, 0), |a, b| (a.0 + b.0, a.1 + b.1)),
         Value::Object(map) => {
             let keys = pg_keys(map);
             let ascending = keys.windows(2).all(|w| w[0].as_bytes() < w[1].as_bytes());

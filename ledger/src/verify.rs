@@ -13,7 +13,7 @@ use futures::TryStreamExt;
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
-use crate::canonical::{canonical_text, chain_hash, ChainRecord, GENESIS};
+use crate::canonical::{chain_hash, write_canonical_text, ChainRecord, GENESIS};
 use crate::checkpoint::Checkpoint;
 use crate::error::StoreError;
 use crate::merkle::{leaf_hash, CompactRange};
@@ -504,7 +504,10 @@ fn read_record(
 ) -> Result<(Parts, [u8; 32]), String> {
     let get = |e: sqlx::Error| format!("the row cannot be read: {e}");
     let canonical = |what: &str, text: String| {
-        canonical_text(&text).map_err(|e| format!("the stored {what} has no canonical form: {e}"))
+        let mut out = Vec::with_capacity(text.len());
+        write_canonical_text(&text, &mut out)
+            .map_err(|e| format!("the stored {what} has no canonical form: {e}"))?;
+        String::from_utf8(out).map_err(|e| format!("the stored {what} is not UTF-8: {e}"))
     };
     let content_hash: Vec<u8> = row.try_get(21).map_err(get)?;
     let content_hash: [u8; 32] = content_hash

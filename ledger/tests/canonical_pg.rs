@@ -24,7 +24,11 @@ async fn canonical_form_survives_jsonb() {
     // The single-pass canonicaliser agrees on the texts the node receives.
     let mut scratch = Canonicalizer::new();
     for (original, canonical) in originals.iter().zip(&canonicals) {
-        assert_eq!(fast(&mut scratch, original), *canonical, "fast path of {original}");
+        assert_eq!(
+            fast(&mut scratch, original),
+            *canonical,
+            "fast path of {original}"
+        );
     }
 
     let db = TestDatabase::create().await.expect("test database");

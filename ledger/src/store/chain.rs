@@ -74,10 +74,10 @@ impl StoredEvent {
             subject_id: event.subject_id.clone(),
             payload,
             metadata: match &event.metadata {
-                Some(m) => Some(crate::canonical::canonical_text(m.get())?),
+                Some(m) => Some(canonical(m.get())?),
                 None => None,
             },
-            headers: crate::canonical::canonical_text(event.headers.get())?,
+            headers: canonical(event.headers.get())?,
             blind_index: Vec::new(),
             content_hash: event.content_hash,
             kafka_topic: Some(event.kafka_topic.clone()),
@@ -113,6 +113,16 @@ impl StoredEvent {
             content_hash: &self.content_hash,
         }
     }
+}
+
+/// Canonical JSON text of `json`, by the single-pass canonicaliser.
+fn canonical(json: &str) -> Result<String, crate::canonical::CanonicalError> {
+    let mut out = Vec::with_capacity(json.len());
+    crate::canonical::write_canonical_text(json, &mut out)?;
+    // The canonical form is built from UTF-8 input and ASCII punctuation.
+    String::from_utf8(out).map_err(|e| {
+        crate::canonical::CanonicalError::Json(serde::de::Error::custom(e.to_string()))
+    })
 }
 
 /// Whole microseconds, and a leap second as the next second: the exact

@@ -303,7 +303,13 @@ pub async fn prepare(
         // With `arbitrary_precision`, serde_json reads an object keyed by its
         // private token as a number: refuse rather than store altered data.
         let text = event.payload.get();
-        let payload: Result<Value, String> = if text.contains("$serde_json::private::") {
+        let reserved = |t: &str| {
+            (t.contains("private") || t.contains("\\u")) && crate::canonical::uses_private_keys(t)
+        };
+        let metadata_reserved = event.metadata.as_deref().is_some_and(|m| reserved(m.get()));
+        let payload: Result<Value, String> = if metadata_reserved {
+            Err("the metadata uses the reserved key prefix `$serde_json::private::`".into())
+        } else if reserved(text) {
             Err("the payload uses the reserved key prefix `$serde_json::private::`".into())
         } else {
             serde_json::from_str(text).map_err(|e| e.to_string())
@@ -448,4 +454,44 @@ pub async fn pin_keys(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::envelope::{parse, ParseOptions};
+    use crate::store::conformance::{envelope, record};
+
+    /// An ordinary event whose payload text is then replaced verbatim.
+    fn event_with_payload(payload: &str) -> Event {
+        let value = envelope("0b9c8a52-7f1e-4d6a-9c3e-2f8b1a4d5e60", "order-1", 1);
+        let raw = record("orders", 0, 7, value.to_string().as_bytes());
+        let mut event = parse(&raw, &ParseOptions::default()).expect("valid envelope");
+        event.payload =
+            serde_json::value::RawValue::from_string(payload.to_string()).expect("raw payload");
+        event
+    }
+
+    #[tokio::test]
+    async fn serde_private_keys_become_dead_letters() {
+        // Connects on first use only; prepare without protection never does.
+        let pool = PgPool::connect_lazy("postgres://localhost/unused").expect("lazy pool");
+        for payload in [
+            r#"{"a": {"$serde_json::private::Number": "1.50"}}"#,
+            r#"{"a": {"\u0024serde_json::private::Number": "1.50"}}"#,
+            r#"{"a": [{"\u0024serde_json::\u0070rivate::RawValue": "[1]"}]}"#,
+        ] {
+            let event = event_with_payload(payload);
+            let mut prepared = prepare(None, &pool, &[&event]).await.expect("prepare");
+            match prepared.take(7) {
+                Err(DeadLetterReason::Unprotectable { error }) => {
+                    assert!(error.contains("reserved"), "{error}")
+                }
+                other => panic!("{payload}: expected a dead letter, got {:?}", other.map(|e| e.payload)),
+            }
+        }
+        let ordinary = event_with_payload(r#"{"a": {"private": "\u0041"}}"#);
+        let mut prepared = prepare(None, &pool, &[&ordinary]).await.expect("prepare");
+        assert!(prepared.take(7).is_ok());
+    }
 }
