@@ -281,116 +281,28 @@ async fn verify_share(
 ) -> Result<Report, StoreError> {
     let mut report = Report::default();
     let options = &Limits { max_problems };
-    let mut stream = sqlx::query(
-        "SELECT seq, chain_id, chain_position, hash, event_id, event_type, stream_id, stream_version,
-                occurred_at, ingested_at, source, correlation_id, causation_id, subject_id,
-                kafka_topic, kafka_partition, kafka_offset, headers::text, metadata::text,
-                payload::text, blind_index, content_hash
-         FROM events WHERE chain_id = ANY($1) OR ($2 AND chain_id IS NULL) ORDER BY seq",
-    )
-    .bind(&ids)
-    .bind(unchained)
-    .fetch(&mut *conn);
     let mut buffer = Vec::with_capacity(4096);
-    while let Some(row) = stream.try_next().await? {
-        report.events += 1;
-        let seq: i64 = row.try_get(0)?;
-        let event_id: Uuid = row.try_get(4)?;
-        let Some(chain_id) = row.try_get::<Option<String>, _>(1)? else {
-            push(&mut report, options, Problem {
-                chain_id: "(none)".into(),
-                position: None,
-                seq: Some(seq),
-                event_id: Some(event_id),
-                what: "the event is in no chain (stored before chains existed, or its link was removed)".into(),
-            });
-            continue;
+    // One index-ordered scan per chain: a Kafka chain is in offset order
+    // (the unique position index), others in seq order. Every row is read
+    // once, whichever worker owns its chain.
+    for id in ids.iter().map(Some).chain(unchained.then_some(None)) {
+        let kafka = id.and_then(|id| kafka_coordinates(id));
+        let sql = match (id, kafka) {
+            (_, Some(_)) => format!(
+                "SELECT {ROW_COLUMNS} FROM events WHERE kafka_topic = $1 AND kafka_partition = $2 ORDER BY kafka_offset"
+            ),
+            (Some(_), None) => format!("SELECT {ROW_COLUMNS} FROM events WHERE chain_id = $1 ORDER BY seq"),
+            (None, _) => format!("SELECT {ROW_COLUMNS} FROM events WHERE chain_id IS NULL ORDER BY seq"),
         };
-        let state = chains.entry(chain_id.clone()).or_insert_with(ChainState::new);
-        if state.broken {
-            continue;
+        let mut query = sqlx::query(&sql);
+        match (id, kafka) {
+            (_, Some((topic, partition))) => query = query.bind(topic.to_owned()).bind(partition),
+            (Some(id), None) => query = query.bind(id.clone()),
+            (None, _) => {}
         }
-        let position: Option<i64> = row.try_get(2)?;
-        let stored_hash: Option<Vec<u8>> = row.try_get(3)?;
-        let problem = |what: String, position: Option<u64>| Problem {
-            chain_id: chain_id.clone(),
-            position,
-            seq: Some(seq),
-            event_id: Some(event_id),
-            what,
-        };
-        let expected = state.next_position;
-        let position = match position {
-            Some(p) if p >= 0 => p as u64,
-            _ => {
-                state.broken = true;
-                push(&mut report, options, problem("the chain position is missing".into(), Some(expected)));
-                continue;
-            }
-        };
-        if position != expected {
-            state.broken = true;
-            let what = if position > expected {
-                format!(
-                    "expected position {expected} next but found {position}: {} event(s) missing (deleted) or rows out of order (swapped)",
-                    position - expected
-                )
-            } else {
-                format!("position {position} appears again or out of order (expected {expected}): rows were swapped or copied")
-            };
-            push(&mut report, options, problem(what, Some(expected)));
-            continue;
-        }
-        let record = read_record(&row, &chain_id, position);
-        let recomputed = match record {
-            Ok((parts, content_hash)) => {
-                buffer.clear();
-                parts.record(&chain_id, position, &content_hash).encode(&mut buffer);
-                chain_hash(&state.prev, &buffer)
-            }
-            Err(what) => {
-                state.broken = true;
-                push(&mut report, options, problem(what, Some(position)));
-                continue;
-            }
-        };
-        if stored_hash.as_deref() != Some(&recomputed[..]) {
-            state.broken = true;
-            push(
-                &mut report,
-                options,
-                problem(
-                    "the stored hash differs from the one recomputed from the row and its predecessor: the row (or one before it) was changed".into(),
-                    Some(position),
-                ),
-            );
-            continue;
-        }
-        state.prev = recomputed;
-        state.frontier.push(leaf_hash(&recomputed));
-        state.next_position += 1;
-        let size = state.next_position;
-        if let Some(checkpoints) = state.pending.remove(&size) {
-            let root = state.frontier.root();
-            for (checkpoint, origin) in checkpoints {
-                if checkpoint.root_hash == root {
-                    report.checkpoints_verified += 1;
-                    report.chains.entry(chain_id.clone()).or_default().checkpoints += 1;
-                } else {
-                    state.broken = true;
-                    push(
-                        &mut report,
-                        options,
-                        problem(
-                            format!(
-                                "the Merkle root of the first {size} events differs from the signed {origin} checkpoint of {}: rows were changed and their hashes recomputed",
-                                checkpoint.timestamp.format("%Y-%m-%dT%H:%M:%SZ")
-                            ),
-                            Some(position),
-                        ),
-                    );
-                }
-            }
+        let mut stream = query.fetch(&mut *conn);
+        while let Some(row) = stream.try_next().await? {
+            process_row(&row, id.map(String::as_str), &mut chains, &mut report, options, &mut buffer)?;
         }
     }
     for (chain_id, state) in chains {
@@ -420,6 +332,161 @@ async fn verify_share(
         }
     }
     Ok(report)
+}
+
+/// The columns a chain record is rebuilt from.
+const ROW_COLUMNS: &str = "seq, chain_id, chain_position, hash, event_id, event_type, stream_id, stream_version,
+    occurred_at, ingested_at, source, correlation_id, causation_id, subject_id,
+    kafka_topic, kafka_partition, kafka_offset, headers::text, metadata::text,
+    payload::text, blind_index, content_hash";
+
+/// `topic/partition` of a Kafka chain id.
+fn kafka_coordinates(chain_id: &str) -> Option<(&str, i32)> {
+    let (topic, partition) = chain_id.rsplit_once('/')?;
+    let partition: i32 = partition.parse().ok()?;
+    (!topic.is_empty() && partition >= 0).then_some((topic, partition))
+}
+
+/// Checks one row against its chain's state.
+fn process_row(
+    row: &sqlx::postgres::PgRow,
+    scanning: Option<&str>,
+    chains: &mut HashMap<String, ChainState>,
+    report: &mut Report,
+    options: &dyn ProblemLimit,
+    buffer: &mut Vec<u8>,
+) -> Result<(), StoreError> {
+    report.events += 1;
+    let seq: i64 = row.try_get(0)?;
+    let event_id: Uuid = row.try_get(4)?;
+    let Some(chain_id) = row.try_get::<Option<String>, _>(1)? else {
+        if scanning.is_some() {
+            // Reported once, by the scan of unchained rows.
+            report.events -= 1;
+            return Ok(());
+        }
+        push(report, options, Problem {
+            chain_id: "(none)".into(),
+            position: None,
+            seq: Some(seq),
+            event_id: Some(event_id),
+            what: "the event is in no chain (stored before chains existed, or its link was removed)".into(),
+        });
+        return Ok(());
+    };
+    if let Some(scanning) = scanning.filter(|s| *s != chain_id) {
+        push(report, options, Problem {
+            chain_id: scanning.to_owned(),
+            position: None,
+            seq: Some(seq),
+            event_id: Some(event_id),
+            what: format!("a row at this chain's Kafka position claims chain {chain_id}: its link was changed"),
+        });
+        if let Some(state) = chains.get_mut(scanning) {
+            state.broken = true;
+        }
+        return Ok(());
+    }
+    report.events += 1;
+    let seq: i64 = row.try_get(0)?;
+    let event_id: Uuid = row.try_get(4)?;
+    let Some(chain_id) = row.try_get::<Option<String>, _>(1)? else {
+        push(report, options, Problem {
+            chain_id: "(none)".into(),
+            position: None,
+            seq: Some(seq),
+            event_id: Some(event_id),
+            what: "the event is in no chain (stored before chains existed, or its link was removed)".into(),
+        });
+        return Ok(());
+    };
+    let state = chains.entry(chain_id.clone()).or_insert_with(ChainState::new);
+    if state.broken {
+        return Ok(());
+    }
+    let position: Option<i64> = row.try_get(2)?;
+    let stored_hash: Option<Vec<u8>> = row.try_get(3)?;
+    let problem = |what: String, position: Option<u64>| Problem {
+        chain_id: chain_id.clone(),
+        position,
+        seq: Some(seq),
+        event_id: Some(event_id),
+        what,
+    };
+    let expected = state.next_position;
+    let position = match position {
+        Some(p) if p >= 0 => p as u64,
+        _ => {
+            state.broken = true;
+            push(report, options, problem("the chain position is missing".into(), Some(expected)));
+            return Ok(());
+        }
+    };
+    if position != expected {
+        state.broken = true;
+        let what = if position > expected {
+            format!(
+                "expected position {expected} next but found {position}: {} event(s) missing (deleted) or rows out of order (swapped)",
+                position - expected
+            )
+        } else {
+            format!("position {position} appears again or out of order (expected {expected}): rows were swapped or copied")
+        };
+        push(report, options, problem(what, Some(expected)));
+        return Ok(());
+    }
+    let record = read_record(&row, &chain_id, position);
+    let recomputed = match record {
+        Ok((parts, content_hash)) => {
+            buffer.clear();
+            parts.record(&chain_id, position, &content_hash).encode(buffer);
+            chain_hash(&state.prev, buffer)
+        }
+        Err(what) => {
+            state.broken = true;
+            push(report, options, problem(what, Some(position)));
+            return Ok(());
+        }
+    };
+    if stored_hash.as_deref() != Some(&recomputed[..]) {
+        state.broken = true;
+        push(
+            report,
+            options,
+            problem(
+                "the stored hash differs from the one recomputed from the row and its predecessor: the row (or one before it) was changed".into(),
+                Some(position),
+            ),
+        );
+        return Ok(());
+    }
+    state.prev = recomputed;
+    state.frontier.push(leaf_hash(&recomputed));
+    state.next_position += 1;
+    let size = state.next_position;
+    if let Some(checkpoints) = state.pending.remove(&size) {
+        let root = state.frontier.root();
+        for (checkpoint, origin) in checkpoints {
+            if checkpoint.root_hash == root {
+                report.checkpoints_verified += 1;
+                report.chains.entry(chain_id.clone()).or_default().checkpoints += 1;
+            } else {
+                state.broken = true;
+                push(
+                    report,
+                    options,
+                    problem(
+                        format!(
+                            "the Merkle root of the first {size} events differs from the signed {origin} checkpoint of {}: rows were changed and their hashes recomputed",
+                            checkpoint.timestamp.format("%Y-%m-%dT%H:%M:%SZ")
+                        ),
+                        Some(position),
+                    ),
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 /// How many problems to keep.
