@@ -89,7 +89,7 @@ pub struct VerifyArgs {
     /// Report at most this many problems.
     #[arg(long, env = "AUDIT_VERIFY_MAX_PROBLEMS", default_value_t = 20)]
     max_problems: usize,
-    /// Parallel workers, each with its own database connection; default: the number of cores.
+    /// Parallel workers, each with its own database connection; default: cores + 1.
     #[arg(long, env = "AUDIT_VERIFY_WORKERS")]
     workers: Option<usize>,
 }
@@ -368,10 +368,11 @@ pub async fn verify_command(args: VerifyArgs) -> anyhow::Result<bool> {
         None => Vec::new(),
     };
     let n_external = external.len();
+    // One more worker than cores: while one waits for rows, another hashes.
     let workers = args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
+            .map(|n| n.get() + 1)
+            .unwrap_or(3)
     });
     let pool = connect_with(&args.database_url, workers as u32 + 1).await?;
     let started = std::time::Instant::now();
