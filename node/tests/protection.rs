@@ -1294,3 +1294,79 @@ fn find_any<'n>(haystack: &str, needles: &[&'n String]) -> Vec<&'n String> {
     }
     found.into_iter().collect()
 }
+
+/// KEK rotation: `keys rotate` re-wraps every data key under the new KEK
+/// version without touching events; the old version can then be retired,
+/// and everything still decrypts. Retiring a version still in use, or the
+/// current one, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kek_rotation_rewraps_data_keys_and_events_still_decrypt() {
+    let h = Harness::start(2).await;
+    let mut node = h.node("node-1");
+    let mut sent = Vec::new();
+    let mut batch = Vec::new();
+    let alice = random_name("alice");
+    for (n, customer, partition) in [(1, Some(alice.as_str()), 0), (2, None, 1)] {
+        let (s, bytes) = order_event(n, customer, customer.is_some(), partition);
+        batch.push((partition, bytes));
+        sent.push(s);
+    }
+    send(&h, &batch).await;
+    wait_offsets(&h, 2).await;
+    node.terminate();
+
+    let hashes_before: Vec<Vec<u8>> =
+        sqlx::query_scalar("SELECT hash FROM events ORDER BY seq")
+            .fetch_all(&h.pool)
+            .await
+            .unwrap();
+    let versions = |pool: sqlx::PgPool| async move {
+        sqlx::query_scalar::<_, String>("SELECT DISTINCT kek_version FROM subject_keys")
+            .fetch_all(&pool)
+            .await
+            .unwrap()
+    };
+    assert_eq!(versions(h.pool.clone()).await, vec!["v1".to_string()]);
+    let keys_cmd = |args: &[&str]| {
+        let mut all: Vec<String> = vec!["keys".into()];
+        all.extend(args.iter().map(|s| s.to_string()));
+        all.extend([
+            "--state-dir".into(),
+            h.state.display().to_string(),
+            "--database-url".into(),
+            h.db.url.clone(),
+        ]);
+        all
+    };
+
+    // v1 still wraps keys: retiring it is refused.
+    let refused = cli(&keys_cmd(&["retire", "v1"])).await;
+    assert!(!refused.ok(), "retiring a KEK in use must fail: {refused:?}");
+    assert!(refused.stderr.contains("still wrapped"), "{refused:?}");
+
+    let rotated = cli(&keys_cmd(&["rotate"])).await;
+    assert!(rotated.ok(), "{rotated:?}");
+    assert!(rotated.stdout.contains("v2"), "{rotated:?}");
+    assert_eq!(versions(h.pool.clone()).await, vec!["v2".to_string()]);
+    // Events untouched: the same hashes, the chain still verifies.
+    let hashes_after: Vec<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events ORDER BY seq")
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
+    assert_eq!(hashes_before, hashes_after);
+
+    let retired = cli(&keys_cmd(&["retire", "v1"])).await;
+    assert!(retired.ok(), "{retired:?}");
+    let current = cli(&keys_cmd(&["retire", "v2"])).await;
+    assert!(!current.ok(), "retiring the current KEK must fail: {current:?}");
+
+    for s in &sent {
+        let decrypted = show(&h, s.event_id, true).await;
+        assert_same_json(
+            &decrypted["payload"],
+            &s.payload,
+            &format!("event {} after rotation", s.event_id),
+        );
+    }
+    assert_verifies(&h).await;
+}
