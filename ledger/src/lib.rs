@@ -11,6 +11,7 @@ pub mod merkle;
 pub mod proofs;
 pub mod protect;
 pub mod query;
+pub mod replay_jobs;
 pub mod envelope;
 pub mod error;
 pub mod record;

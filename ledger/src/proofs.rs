@@ -89,7 +89,9 @@ pub enum ProofError {
 
 fn describe_checkpointed(checkpointed: &Option<u64>) -> String {
     match checkpointed {
-        Some(size) => format!("the newest checkpoint of that chain covers only its first {size} events"),
+        Some(size) => {
+            format!("the newest checkpoint of that chain covers only its first {size} events")
+        }
         None => "that chain has no checkpoint yet".to_string(),
     }
 }
@@ -228,7 +230,13 @@ pub async fn inclusion_proof_at(
         }
     };
     let ranges = inclusion_ranges(event.position, checkpoint.tree_size);
-    let path = stream_proof(conn, &checkpoint, ranges, Some((event.position, event.hash))).await?;
+    let path = stream_proof(
+        conn,
+        &checkpoint,
+        ranges,
+        Some((event.position, event.hash)),
+    )
+    .await?;
     Ok(InclusionProof {
         event_id,
         chain_id: event.chain_id,
@@ -337,9 +345,8 @@ async fn checkpoint_at(
     chain_id: &str,
     tree_size: u64,
 ) -> Result<Checkpoint, ProofError> {
-    let size = i64::try_from(tree_size).map_err(|_| {
-        ProofError::BadRequest(format!("tree size {tree_size} is out of range"))
-    })?;
+    let size = i64::try_from(tree_size)
+        .map_err(|_| ProofError::BadRequest(format!("tree size {tree_size} is out of range")))?;
     let row = sqlx::query(
         "SELECT chain_id, tree_size, root_hash, signed_at, key_id, signature
          FROM checkpoints WHERE chain_id = $1 AND tree_size = $2",
@@ -365,8 +372,11 @@ fn no_checkpoint(chain_id: &str) -> ProofError {
 fn checkpoint_from_row(row: &PgRow) -> Result<Checkpoint, ProofError> {
     let chain_id: String = row.try_get(0)?;
     let tree_size: i64 = row.try_get(1)?;
-    let malformed =
-        || ProofError::Integrity(format!("checkpoint of chain {chain_id} at size {tree_size} is malformed"));
+    let malformed = || {
+        ProofError::Integrity(format!(
+            "checkpoint of chain {chain_id} at size {tree_size} is malformed"
+        ))
+    };
     let root_hash = to_hash(row.try_get(2)?).ok_or_else(malformed)?;
     let signature: [u8; 64] = row
         .try_get::<Vec<u8>, _>(5)?
@@ -473,8 +483,11 @@ struct ProofBuilder {
 impl ProofBuilder {
     fn new(ranges: Vec<Range<u64>>, leaf: Option<(u64, Hash)>) -> Self {
         let roots = vec![CompactRange::new(); ranges.len()];
-        let mut ranges: Vec<(Range<u64>, usize)> =
-            ranges.into_iter().enumerate().map(|(i, r)| (r, i)).collect();
+        let mut ranges: Vec<(Range<u64>, usize)> = ranges
+            .into_iter()
+            .enumerate()
+            .map(|(i, r)| (r, i))
+            .collect();
         ranges.sort_by_key(|(r, _)| r.start);
         Self {
             ranges,
@@ -595,8 +608,12 @@ async fn read_leaves(
     builder: &mut ProofBuilder,
 ) -> Result<Result<(), u64>, ProofError> {
     let chain_id = checkpoint.chain_id.as_str();
-    let size = i64::try_from(checkpoint.tree_size)
-        .map_err(|_| ProofError::Integrity(format!("checkpoint size {} is out of range", checkpoint.tree_size)))?;
+    let size = i64::try_from(checkpoint.tree_size).map_err(|_| {
+        ProofError::Integrity(format!(
+            "checkpoint size {} is out of range",
+            checkpoint.tree_size
+        ))
+    })?;
     let query = match (order, kafka_position(chain_id)) {
         (LeafOrder::KafkaOffset, Some((topic, partition))) => sqlx::query(
             "SELECT chain_position, hash FROM events
@@ -658,7 +675,11 @@ mod tests {
             let leaves = leaves(n);
             for m in 0..n {
                 let expected = merkle::inclusion_proof(m, &leaves).unwrap();
-                assert_eq!(roots_of(&inclusion_ranges(m, n), &leaves), expected, "m={m} n={n}");
+                assert_eq!(
+                    roots_of(&inclusion_ranges(m, n), &leaves),
+                    expected,
+                    "m={m} n={n}"
+                );
             }
         }
     }
@@ -669,7 +690,11 @@ mod tests {
             let leaves = leaves(n);
             for m in 0..=n {
                 let expected = merkle::consistency_proof(m, &leaves).unwrap();
-                assert_eq!(roots_of(&consistency_ranges(m, n), &leaves), expected, "m={m} n={n}");
+                assert_eq!(
+                    roots_of(&consistency_ranges(m, n), &leaves),
+                    expected,
+                    "m={m} n={n}"
+                );
             }
         }
     }
@@ -683,7 +708,8 @@ mod tests {
             let leaves: Vec<Hash> = events.iter().map(|h| leaf_hash(h)).collect();
             let checkpoint = key.sign("c/0", n, merkle::root(&leaves), Utc::now());
             for m in [0, n / 2, n - 1] {
-                let mut builder = ProofBuilder::new(inclusion_ranges(m, n), Some((m, events[m as usize])));
+                let mut builder =
+                    ProofBuilder::new(inclusion_ranges(m, n), Some((m, events[m as usize])));
                 for (i, h) in events.iter().enumerate() {
                     builder.push(i as u64, h).unwrap();
                 }
@@ -697,14 +723,21 @@ mod tests {
             assert_eq!(builder.push(1, &events[0]), Err(0));
             // Fewer leaves than signed, or another root: integrity errors.
             let builder = ProofBuilder::new(Vec::new(), None);
-            assert!(matches!(builder.finish(&checkpoint), Err(ProofError::Integrity(_))));
+            assert!(matches!(
+                builder.finish(&checkpoint),
+                Err(ProofError::Integrity(_))
+            ));
             let mut builder = ProofBuilder::new(Vec::new(), None);
             for (i, h) in events.iter().enumerate() {
                 let h = if i == 0 { [1; 32] } else { *h };
                 builder.push(i as u64, &h).unwrap();
             }
             let err = builder.finish(&checkpoint).unwrap_err();
-            assert!(err.to_string().contains("differs from its signed checkpoint"), "{err}");
+            assert!(
+                err.to_string()
+                    .contains("differs from its signed checkpoint"),
+                "{err}"
+            );
         }
     }
 

@@ -50,9 +50,12 @@ impl From<sqlx::Error> for QueryError {
     fn from(error: sqlx::Error) -> Self {
         use sqlx::Error as E;
         match &error {
-            E::Io(_) | E::PoolTimedOut | E::PoolClosed | E::Tls(_) | E::WorkerCrashed | E::Protocol(_) => {
-                Self::Unavailable(error.to_string())
-            }
+            E::Io(_)
+            | E::PoolTimedOut
+            | E::PoolClosed
+            | E::Tls(_)
+            | E::WorkerCrashed
+            | E::Protocol(_) => Self::Unavailable(error.to_string()),
             E::Database(db) => {
                 let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
                 let message = format!("{} (SQLSTATE {code})", db.message());
@@ -152,7 +155,9 @@ impl FromStr for TypePattern {
             reason,
         };
         if raw.is_empty() {
-            return Err(bad("it is empty; give a type (order.created) or a prefix (order.*)"));
+            return Err(bad(
+                "it is empty; give a type (order.created) or a prefix (order.*)",
+            ));
         }
         if raw == "*" {
             return Ok(Self::Any);
@@ -322,10 +327,14 @@ impl EventFilter {
         });
         qb.push(" AND (false");
         if !exact.is_empty() {
-            qb.push(" OR e.event_type = ANY(").push_bind(exact).push(")");
+            qb.push(" OR e.event_type = ANY(")
+                .push_bind(exact)
+                .push(")");
         }
         for prefix in prefixes {
-            qb.push(" OR starts_with(e.event_type, ").push_bind(prefix).push(")");
+            qb.push(" OR starts_with(e.event_type, ")
+                .push_bind(prefix)
+                .push(")");
         }
         qb.push(")");
     }
@@ -367,9 +376,9 @@ pub const EVENT_COLUMNS: &str = "e.tx::text AS tx, e.seq, e.event_id, e.event_ty
 impl EventRecord {
     pub fn from_row(row: &PgRow) -> Result<Self, QueryError> {
         let tx: String = row.try_get("tx")?;
-        let tx: u64 = tx
-            .parse()
-            .map_err(|_| QueryError::Fatal(format!("events.tx {tx:?} is not a 64-bit transaction id")))?;
+        let tx: u64 = tx.parse().map_err(|_| {
+            QueryError::Fatal(format!("events.tx {tx:?} is not a 64-bit transaction id"))
+        })?;
         let seq: i64 = row.try_get("seq")?;
         Ok(Self {
             position: Position { tx, seq },
@@ -419,7 +428,9 @@ pub async fn page<'c>(
     qb.push(EVENT_COLUMNS);
     qb.push(" FROM events e WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot())");
     if let Some(until) = query.until_tx {
-        qb.push(" AND e.tx < ").push_bind(until.to_string()).push("::xid8");
+        qb.push(" AND e.tx < ")
+            .push_bind(until.to_string())
+            .push("::xid8");
     }
     if let Some(after) = query.after {
         qb.push(" AND (e.tx, e.seq) > (")
@@ -429,7 +440,8 @@ pub async fn page<'c>(
             .push(")");
     }
     query.filter.push_conditions(&mut qb);
-    qb.push(" ORDER BY e.tx, e.seq LIMIT ").push_bind(query.limit.max(0));
+    qb.push(" ORDER BY e.tx, e.seq LIMIT ")
+        .push_bind(query.limit.max(0));
     let rows = qb.build().fetch_all(executor).await?;
     rows.iter().map(EventRecord::from_row).collect()
 }
@@ -522,7 +534,10 @@ mod tests {
 
     #[test]
     fn type_patterns() {
-        assert_eq!("order.created".parse(), Ok(TypePattern::Exact("order.created".into())));
+        assert_eq!(
+            "order.created".parse(),
+            Ok(TypePattern::Exact("order.created".into()))
+        );
         assert_eq!("order.*".parse(), Ok(TypePattern::Prefix("order.".into())));
         assert_eq!("*".parse(), Ok(TypePattern::Any));
         for bad in ["", "order*", "*.created", "order.*.x", "a.**", ".*"] {

@@ -2,7 +2,6 @@
 //! Kafka cluster with topic `orders` (16 partitions), the local PostgreSQL,
 //! a node on the production code path, and demo traffic.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::Context as _;
@@ -19,7 +18,7 @@ pub const DEV_DATABASE: &str = "order_audit";
 
 #[derive(clap::Args, Debug)]
 pub struct DevArgs {
-    /// Directory for the dev state: bootstrap.txt, keys/ (KEK file, signing key pair), checkpoints/.
+    /// Directory for the dev state: bootstrap.txt, tokens.json (API tokens), keys/ (KEK file, signing key pair), checkpoints/.
     #[arg(long, env = "AUDIT_STATE_DIR", default_value = ".audit-dev")]
     state_dir: PathBuf,
     /// PostgreSQL URL; default: the local server's Unix socket, database `order_audit`.
@@ -28,9 +27,8 @@ pub struct DevArgs {
     /// Demo events per second; 0 turns demo traffic off.
     #[arg(long, env = "AUDIT_DEMO_RATE", default_value_t = 20.0)]
     demo_rate: f64,
-    /// Address of the HTTP API.
-    #[arg(long, env = "AUDIT_API_ADDR", default_value = "127.0.0.1:8080")]
-    api_addr: SocketAddr,
+    #[command(flatten)]
+    api: crate::settings::ApiArgs,
     #[command(flatten)]
     tuning: Tuning,
     #[command(flatten)]
@@ -105,7 +103,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         &args.tuning,
         FileConfig::default(),
     )?;
-    settings.api_addr = Some(args.api_addr);
+    settings.api_addr = Some(args.api.api_addr);
+    let tokens_file = args.state_dir.join(crate::tokens::DEV_TOKENS_FILE);
+    let tokens = crate::tokens::dev_tokens(&tokens_file)?;
+    settings.api = args.api.settings(tokens)?;
     let created = crate::keys::init_state_dir(&args.state_dir)?;
     for path in &created {
         tracing::info!(path = %path.display(), "dev key created");
@@ -150,7 +151,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         .api_addr
         .borrow()
         .map(|a| a.to_string())
-        .unwrap_or_else(|| args.api_addr.to_string());
+        .unwrap_or_else(|| args.api.api_addr.to_string());
     println!("order-audit-trail dev is running");
     println!(
         "  kafka (mock):  {bootstrap}  (also in {})",
@@ -160,7 +161,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<()> {
         "  topic:         {DEV_TOPIC} ({DEV_PARTITIONS} partitions), consumer group {DEV_GROUP}"
     );
     println!("  database:      {}", postgres::redact_url(&database_url));
-    println!("  api:           http://{api}/healthz  /readyz  /metrics  /openapi.json");
+    println!("  api:           http://{api}/v1/events  (Swagger UI: http://{api}/docs; spec: /openapi.json)");
+    println!(
+        "  api tokens:    {} (reader, auditor, admin): curl -H \"Authorization: Bearer $(jq -r .reader {})\" http://{api}/v1/events",
+        tokens_file.display(),
+        tokens_file.display()
+    );
     if args.demo_rate > 0.0 {
         println!(
             "  demo traffic:  {} events/s (1% malformed, 0.5% duplicates)",

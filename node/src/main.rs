@@ -11,9 +11,9 @@ mod mock;
 mod node;
 mod produce;
 mod settings;
+mod tokens;
 mod traffic;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
@@ -45,9 +45,9 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// One command for a new user: mock Kafka, local PostgreSQL, a node, demo traffic.
-    Dev(dev::DevArgs),
+    Dev(Box<dev::DevArgs>),
     /// The production node: consume topics into the event store.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Apply the database migrations and exit.
     Migrate(MigrateArgs),
     /// A standalone Kafka-protocol cluster (librdkafka's mock) for tests and demos.
@@ -67,6 +67,11 @@ enum Command {
     Events(admin::EventsCommand),
     /// Recompute every hash chain and Merkle root and check checkpoint signatures; exit 0 only if all verify.
     Verify(admin::VerifyArgs),
+    /// API bearer tokens: create one (the node keeps only its hash).
+    #[command(subcommand)]
+    Tokens(tokens::TokensCommand),
+    /// Print the API's OpenAPI document (docs/openapi.json is a copy).
+    Openapi,
 }
 
 #[derive(clap::Args, Debug)]
@@ -92,9 +97,11 @@ struct RunArgs {
     /// Do not apply migrations at start (when the node's login role may not change the schema).
     #[arg(long, env = "AUDIT_NO_MIGRATE")]
     no_migrate: bool,
-    /// Address of the HTTP API (health, readiness, metrics).
-    #[arg(long, env = "AUDIT_API_ADDR", default_value = "127.0.0.1:8080")]
-    api_addr: SocketAddr,
+    /// JSON file of API tokens by hash: {"tokens":[{"name","role","sha256"}]} (see `audit-node tokens create`).
+    #[arg(long, env = "AUDIT_API_TOKENS")]
+    api_tokens: Option<PathBuf>,
+    #[command(flatten)]
+    api: settings::ApiArgs,
     #[command(flatten)]
     tuning: Tuning,
     #[command(flatten)]
@@ -153,8 +160,8 @@ fn main() -> ExitCode {
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
-        Command::Dev(args) => dev::run(args).await,
-        Command::Run(args) => run(args).await,
+        Command::Dev(args) => dev::run(*args).await,
+        Command::Run(args) => run(*args).await,
         Command::Migrate(args) => {
             if args.create_database {
                 audit_ledger::store::postgres::create_database_if_missing(&args.database_url)
@@ -177,11 +184,18 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Keys(command) => admin::keys(command).await,
         Command::Subjects(command) => admin::subjects(command).await,
         Command::Events(command) => admin::events(command).await,
+        Command::Tokens(command) => tokens::command(command),
+        Command::Openapi => {
+            println!("{}", audit_api::openapi_json());
+            Ok(())
+        }
         Command::Verify(args) => {
             if admin::verify_command(args).await? {
                 Ok(())
             } else {
-                anyhow::bail!("verification failed: the store does not match its chains or checkpoints")
+                anyhow::bail!(
+                    "verification failed: the store does not match its chains or checkpoints"
+                )
             }
         }
     }
@@ -205,7 +219,12 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         &args.tuning,
         file,
     )?;
-    settings.api_addr = Some(args.api_addr);
+    settings.api_addr = Some(args.api.api_addr);
+    let tokens = match &args.api_tokens {
+        Some(path) => audit_api::auth::TokenTable::load(path)?,
+        None => audit_api::auth::TokenTable::default(),
+    };
+    settings.api = args.api.settings(tokens)?;
     settings.migrate = !args.no_migrate;
     settings.protection = Some(keys::build_protection(
         &args.keys,

@@ -10,6 +10,7 @@ use anyhow::Context as _;
 use audit_actors::consumer::{ConsumerSpec, CONSUMER_CHILD};
 use audit_actors::kafka::KafkaConnector;
 use audit_actors::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
+use audit_api::state::{ApiDatabase, ApiState};
 use audit_api::{ApiConfig, ApiSpec};
 use audit_ledger::store::postgres::{self, PgEventStore};
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -25,6 +26,8 @@ pub struct RunningNode {
     fatal: mpsc::UnboundedReceiver<String>,
     maintenance: JoinHandle<()>,
     pub store: PgEventStore,
+    /// The API's own pool (role audit_api), closed at stop.
+    api_pool: Option<sqlx::PgPool>,
     pub api_addr: watch::Receiver<Option<SocketAddr>>,
 }
 
@@ -61,12 +64,16 @@ pub async fn start(
         store: Arc::new(store.clone()),
         config: Arc::new(settings.pipeline.clone()),
     })];
+    let mut api_pool = None;
     if let Some(addr) = settings.api_addr {
+        let state = api_state(&settings).await?;
+        api_pool = Some(state.pool().clone());
         children.push(Arc::new(ApiSpec(ApiConfig {
             addr,
             metrics,
             readiness: readiness_check(store.clone(), tree.clone()),
             bound: Some(bound_tx),
+            state: Arc::new(state),
         })));
     }
     let (supervisor, join) = Actor::spawn(
@@ -115,8 +122,35 @@ pub async fn start(
         fatal,
         maintenance,
         store,
+        api_pool,
         api_addr,
     })
+}
+
+/// The API's shared state: its own pool acting as `audit_api`, and the
+/// node's protection and checkpointer.
+async fn api_state(settings: &NodeSettings) -> anyhow::Result<ApiState> {
+    let api = &settings.api;
+    if api.tokens.is_empty() {
+        tracing::warn!("no API tokens configured: every /v1 route answers 401; pass --api-tokens FILE (AUDIT_API_TOKENS)");
+    }
+    let mut state = ApiState::connect(
+        &ApiDatabase {
+            url: settings.database.url.clone(),
+            max_connections: api.db_max_connections,
+        },
+        api.tokens.clone(),
+        api.limits.clone(),
+    )
+    .await
+    .context("connecting the API to PostgreSQL as role audit_api")?
+    .with_reducers(api.reducers.clone());
+    if let Some(p) = &settings.protection {
+        state = state
+            .with_protection(p.protection.clone())
+            .with_checkpointer(p.checkpointer.clone());
+    }
+    Ok(state)
 }
 
 fn readiness_check(
@@ -166,6 +200,9 @@ impl RunningNode {
         if let Some(checkpointer) = self.store.checkpointer() {
             let n = checkpointer.flush_all(self.store.pool()).await;
             tracing::info!(chains = n, "final checkpoints published");
+        }
+        if let Some(pool) = &self.api_pool {
+            pool.close().await;
         }
         self.store.pool().close().await;
     }

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -47,6 +47,61 @@ pub struct Tuning {
     /// Role the node writes with (`SET ROLE`); empty keeps the login role.
     #[arg(long, env = "AUDIT_DB_ROLE")]
     pub db_role: Option<String>,
+}
+
+/// HTTP API settings shared by `run` and `dev`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ApiArgs {
+    /// Address of the HTTP API.
+    #[arg(long, env = "AUDIT_API_ADDR", default_value = "127.0.0.1:8080")]
+    pub api_addr: SocketAddr,
+    /// statement_timeout of the API's queries in milliseconds; a slower query answers 503.
+    #[arg(long, env = "AUDIT_API_STATEMENT_TIMEOUT_MS", default_value_t = 10_000)]
+    pub api_statement_timeout_ms: u64,
+    /// Largest accepted request body in bytes; larger ones answer 413.
+    #[arg(long, env = "AUDIT_API_MAX_BODY_BYTES", default_value_t = 65_536)]
+    pub api_max_body_bytes: usize,
+    /// Concurrent replay streams; more answer 429.
+    #[arg(long, env = "AUDIT_API_MAX_REPLAY_STREAMS", default_value_t = 8)]
+    pub api_max_replay_streams: usize,
+    /// PostgreSQL connections of the API (its own pool, role audit_api).
+    #[arg(long, env = "AUDIT_API_DB_MAX_CONNECTIONS", default_value_t = 8)]
+    pub api_db_max_connections: u32,
+    /// TOML file of state reducers per event type: [reducers] "order.snapshot" = "replace" (merge, replace, ignore).
+    #[arg(long, env = "AUDIT_API_REDUCERS")]
+    pub api_reducers: Option<PathBuf>,
+}
+
+impl ApiArgs {
+    /// The API's settings with the given tokens.
+    pub fn settings(
+        &self,
+        tokens: audit_api::auth::TokenTable,
+    ) -> anyhow::Result<audit_api::state::ApiSettings> {
+        if self.api_statement_timeout_ms == 0
+            || self.api_max_body_bytes == 0
+            || self.api_max_replay_streams == 0
+        {
+            anyhow::bail!(
+                "--api-statement-timeout-ms, --api-max-body-bytes and --api-max-replay-streams must be at least 1"
+            );
+        }
+        let reducers = match &self.api_reducers {
+            Some(path) => audit_api::fold::Reducers::load(path)?,
+            None => audit_api::fold::Reducers::default(),
+        };
+        Ok(audit_api::state::ApiSettings {
+            tokens,
+            limits: audit_api::state::ApiLimits {
+                max_body_bytes: self.api_max_body_bytes,
+                statement_timeout: Duration::from_millis(self.api_statement_timeout_ms),
+                max_replay_streams: self.api_max_replay_streams,
+                ..audit_api::state::ApiLimits::default()
+            },
+            reducers,
+            db_max_connections: self.api_db_max_connections.max(1),
+        })
+    }
 }
 
 /// The TOML file given with `--config`.
@@ -119,6 +174,8 @@ pub struct NodeSettings {
     pub database: PgConfig,
     pub pipeline: PipelineConfig,
     pub api_addr: Option<SocketAddr>,
+    /// Tokens, limits and reducers of the API (used when `api_addr` is set).
+    pub api: audit_api::state::ApiSettings,
     pub migrate: bool,
     pub partitions_ahead_months: i32,
     /// Field protection and checkpoints; `None` only in benchmarks of the bare pipeline.
@@ -230,6 +287,7 @@ impl NodeSettings {
             database,
             pipeline,
             api_addr: None,
+            api: audit_api::state::ApiSettings::default(),
             migrate: true,
             partitions_ahead_months: file.database.partitions_ahead_months.unwrap_or(3),
             protection: None,
