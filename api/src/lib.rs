@@ -21,7 +21,10 @@ pub mod disclose;
 pub mod events;
 pub mod filters;
 pub mod fold;
+pub mod jobs;
 pub mod problem;
+pub mod proofs;
+pub mod replay;
 pub mod state;
 pub mod subjects;
 mod telemetry;
@@ -168,6 +171,9 @@ fn service(health: HealthApi) -> OpenApiService<impl OpenApi, ()> {
             dead_letters::DeadLettersApi,
             subjects::SubjectsApi,
             access_log::AccessLogApi,
+            replay::ReplayApi,
+            jobs::JobsApi,
+            proofs::ProofsApi,
         ),
         "order-audit-trail",
         env!("CARGO_PKG_VERSION"),

@@ -88,6 +88,8 @@ pub struct ApiState {
     limits: ApiLimits,
     reducers: Reducers,
     replay_streams: Arc<Semaphore>,
+    /// Kafka topics the node ingests: a replay job may not publish to them.
+    consumed_topics: Vec<String>,
 }
 
 impl std::fmt::Debug for ApiState {
@@ -130,7 +132,14 @@ impl ApiState {
             limits,
             reducers: Reducers::default(),
             replay_streams: Arc::new(Semaphore::new(streams)),
+            consumed_topics: Vec::new(),
         }
+    }
+
+    /// The topics the node consumes (`--topics`), refused as replay targets.
+    pub fn with_consumed_topics(mut self, topics: Vec<String>) -> Self {
+        self.consumed_topics = topics;
+        self
     }
 
     pub fn with_protection(mut self, protection: Arc<Protection>) -> Self {
@@ -171,6 +180,10 @@ impl ApiState {
 
     pub fn reducers(&self) -> &Reducers {
         &self.reducers
+    }
+
+    pub fn consumed_topics(&self) -> &[String] {
+        &self.consumed_topics
     }
 
     /// A slot for one replay stream, held for the stream's life; 429 when

@@ -446,6 +446,32 @@ pub async fn page<'c>(
     rows.iter().map(EventRecord::from_row).collect()
 }
 
+/// The statement of [`page`] selecting `columns` instead of
+/// [`EVENT_COLUMNS`] (same conditions, order and limit), for readers that
+/// decode rows themselves: the streaming replay writes rows straight to
+/// bytes. `columns` is trusted SQL text, never user input.
+pub fn page_query<'a>(columns: &str, query: PageQuery<'a>) -> QueryBuilder<'a, Postgres> {
+    let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
+    qb.push(columns);
+    qb.push(" FROM events e WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot())");
+    if let Some(until) = query.until_tx {
+        qb.push(" AND e.tx < ")
+            .push_bind(until.to_string())
+            .push("::xid8");
+    }
+    if let Some(after) = query.after {
+        qb.push(" AND (e.tx, e.seq) > (")
+            .push_bind(after.tx.to_string())
+            .push("::xid8, ")
+            .push_bind(after.seq)
+            .push(")");
+    }
+    query.filter.push_conditions(&mut qb);
+    qb.push(" ORDER BY e.tx, e.seq LIMIT ")
+        .push_bind(query.limit.max(0));
+    qb
+}
+
 /// The horizon of [`page`] now: every event of a transaction below it is
 /// readable, none above it yet. A replay job stores it as its `until_tx`.
 pub async fn horizon<'c>(executor: impl PgExecutor<'c>) -> Result<u64, QueryError> {

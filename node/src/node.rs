@@ -9,10 +9,11 @@ use std::time::Duration;
 use anyhow::Context as _;
 use audit_actors::consumer::{ConsumerSpec, CONSUMER_CHILD};
 use audit_actors::kafka::KafkaConnector;
+use audit_actors::republish::{KafkaRepublisher, ReplayRunnerConfig, ReplayRunnerSpec};
 use audit_actors::supervisor::{ChildSpec, NodeSupervisor, SupervisorArgs, SupervisorMsg};
-use audit_api::state::{ApiDatabase, ApiState};
+use audit_api::state::{ApiDatabase, ApiState, API_ROLE};
 use audit_api::{ApiConfig, ApiSpec};
-use audit_ledger::store::postgres::{self, PgEventStore};
+use audit_ledger::store::postgres::{self, PgConfig, PgEventStore};
 use metrics_exporter_prometheus::PrometheusHandle;
 use ractor::{Actor, ActorRef};
 use tokio::sync::{mpsc, watch};
@@ -28,6 +29,8 @@ pub struct RunningNode {
     pub store: PgEventStore,
     /// The API's own pool (role audit_api), closed at stop.
     api_pool: Option<sqlx::PgPool>,
+    /// The replay runner's pool (role audit_api), closed at stop.
+    replay_pool: Option<sqlx::PgPool>,
     pub api_addr: watch::Receiver<Option<SocketAddr>>,
 }
 
@@ -65,6 +68,7 @@ pub async fn start(
         config: Arc::new(settings.pipeline.clone()),
     })];
     let mut api_pool = None;
+    let mut replay_pool = None;
     if let Some(addr) = settings.api_addr {
         let state = api_state(&settings).await?;
         api_pool = Some(state.pool().clone());
@@ -75,6 +79,10 @@ pub async fn start(
             bound: Some(bound_tx),
             state: Arc::new(state),
         })));
+        // Runs the replay jobs the API accepts; last started, first stopped.
+        let runner = replay_runner(&settings).await?;
+        replay_pool = Some(runner.pool.clone());
+        children.push(Arc::new(runner));
     }
     let (supervisor, join) = Actor::spawn(
         None,
@@ -123,6 +131,7 @@ pub async fn start(
         maintenance,
         store,
         api_pool,
+        replay_pool,
         api_addr,
     })
 }
@@ -144,13 +153,38 @@ async fn api_state(settings: &NodeSettings) -> anyhow::Result<ApiState> {
     )
     .await
     .context("connecting the API to PostgreSQL as role audit_api")?
-    .with_reducers(api.reducers.clone());
+    .with_reducers(api.reducers.clone())
+    .with_consumed_topics(settings.kafka.topics.clone());
     if let Some(p) = &settings.protection {
         state = state
             .with_protection(p.protection.clone())
             .with_checkpointer(p.checkpointer.clone());
     }
     Ok(state)
+}
+
+/// The replay runner (`POST /v1/replays` jobs): a producer on the node's
+/// brokers with its Kafka properties, and a small pool acting as
+/// `audit_api` whose statement timeout lets it count a large job.
+async fn replay_runner(settings: &NodeSettings) -> anyhow::Result<ReplayRunnerSpec> {
+    let republisher = KafkaRepublisher::new(&settings.kafka.brokers, &settings.kafka.extra)
+        .context("creating the Kafka producer of replay jobs")?;
+    let store = PgEventStore::connect(&PgConfig {
+        max_connections: 2,
+        role: Some(API_ROLE.to_owned()),
+        statement_timeout: Duration::from_secs(300),
+        ..PgConfig::new(&settings.database.url)
+    })
+    .await
+    .context("connecting the replay runner to PostgreSQL as role audit_api")?;
+    Ok(ReplayRunnerSpec {
+        pool: store.pool().clone(),
+        republisher: Arc::new(republisher),
+        config: Arc::new(ReplayRunnerConfig {
+            node_id: settings.pipeline.node_id.clone(),
+            ..ReplayRunnerConfig::default()
+        }),
+    })
 }
 
 fn readiness_check(
@@ -202,6 +236,9 @@ impl RunningNode {
             tracing::info!(chains = n, "final checkpoints published");
         }
         if let Some(pool) = &self.api_pool {
+            pool.close().await;
+        }
+        if let Some(pool) = &self.replay_pool {
             pool.close().await;
         }
         self.store.pool().close().await;

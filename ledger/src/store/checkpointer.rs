@@ -77,6 +77,11 @@ impl Checkpointer {
         }
     }
 
+    /// When checkpoints are due (the API tells clients how long to wait).
+    pub fn policy(&self) -> CheckpointPolicy {
+        self.policy
+    }
+
     pub fn key_id(&self) -> String {
         self.key.key_id().to_owned()
     }
