@@ -11,11 +11,18 @@
 //! [`Value`], which is then written out. [`write_canonical_text`] and
 //! [`Canonicalizer`] give the same bytes (and errors) in one pass over the
 //! text, several times faster; use them where it counts, like `verify`.
+//! The same pass also protects payloads on ingest (`scan.rs`, for
+//! [`crate::protect::text`]).
+
+use std::ops::Range;
 
 use chrono::{DateTime, Datelike, Timelike, Utc};
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use uuid::Uuid;
+
+mod scan;
+pub(crate) use scan::{PathTrie, Slot, Substitute};
 
 /// The `format` number written into every [`ChainRecord`].
 pub const FORMAT_VERSION: u32 = 1;
@@ -122,6 +129,55 @@ fn write_str_bytes(bytes: &[u8], out: &mut Vec<u8>) {
     out.push(b'"');
 }
 
+/// [`write_str_bytes`], or with serde_json's escapes when `compact`.
+#[inline]
+fn write_str_bytes_as(compact: bool, bytes: &[u8], out: &mut Vec<u8>) {
+    if !compact {
+        write_str_bytes(bytes, out);
+        return;
+    }
+    out.reserve(bytes.len() + 2);
+    out.push(b'"');
+    let mut run_start = 0;
+    loop {
+        let i = find_special(bytes, run_start);
+        out.extend_from_slice(&bytes[run_start..i]);
+        let Some(&b) = bytes.get(i) else {
+            break;
+        };
+        push_compact_escaped_byte(b, out);
+        run_start = i + 1;
+    }
+    out.push(b'"');
+}
+
+/// [`push_escaped_byte`], or serde_json's escape when `compact`.
+#[inline]
+fn escape_byte(compact: bool, b: u8, out: &mut Vec<u8>) {
+    if compact {
+        push_compact_escaped_byte(b, out);
+    } else {
+        push_escaped_byte(b, out);
+    }
+}
+
+/// serde_json's escape of `"`, `\` or a control character: the short
+/// forms `\b \t \n \f \r` where JSON has them, else `\u00` and
+/// lowercase hex.
+fn push_compact_escaped_byte(b: u8, out: &mut Vec<u8>) {
+    let short = match b {
+        b'"' => b'"',
+        b'\\' => b'\\',
+        0x08 => b'b',
+        0x09 => b't',
+        0x0a => b'n',
+        0x0c => b'f',
+        0x0d => b'r',
+        _ => return push_escaped_byte(b, out),
+    };
+    out.extend_from_slice(&[b'\\', short]);
+}
+
 /// Appends the escape of `"`, `\` or a control character.
 fn push_escaped_byte(b: u8, out: &mut Vec<u8>) {
     match b {
@@ -226,6 +282,8 @@ pub struct Canonicalizer {
     keys: Vec<u8>,
     /// An object's members while they are copied back in key order.
     moved: Vec<u8>,
+    /// Where a scan's sorted members went ([`Canonicalizer::scan`]).
+    moves: Vec<usize>,
 }
 
 /// Scratch buffers larger than this are released after use.
@@ -298,13 +356,15 @@ fn key_prefix(source: &[u8], start: usize, end: usize) -> u64 {
 
 /// Why the single pass gave up.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Stop {
+pub(crate) enum Stop {
     /// Not one JSON text, or nested 128 levels deep.
     Syntax,
     /// A number in the value has an exponent outside the 64-bit range.
     Range,
     /// An object starts with one of serde_json's private keys.
     PrivateKey,
+    /// An object has the key a scan refuses ([`Canonicalizer::scan`]).
+    RefusedKey,
 }
 
 impl Canonicalizer {
@@ -345,9 +405,10 @@ impl Canonicalizer {
             keys: &mut self.keys,
             moved: &mut self.moved,
             out,
+            hooks: (),
         };
         pass.skip_ws();
-        let poisoned = pass.value(0)?;
+        let poisoned = pass.value(0, OFF_PATH)?;
         pass.skip_ws();
         if pass.pos != pass.src.len() {
             return Err(Stop::Syntax);
@@ -368,15 +429,67 @@ impl Canonicalizer {
         if self.members.capacity() * std::mem::size_of::<Member>() > KEEP_SCRATCH {
             self.members = Vec::new();
         }
+        if self.moves.capacity() * std::mem::size_of::<usize>() > KEEP_SCRATCH {
+            self.moves = Vec::new();
+        }
     }
 }
+
+/// The trie node of a value no recorded path goes through.
+const OFF_PATH: u32 = u32::MAX;
+
+/// What a [`Pass`] does besides writing canonical JSON: nothing for the
+/// plain pass (`()`, whose checks compile away), recording where the values
+/// at some paths are ([`Canonicalizer::scan`]), or writing serde_json's
+/// compact form ([`Canonicalizer::compact`]).
+trait Hooks {
+    /// Write serde_json's compact form (`serde_json::to_writer` of the
+    /// parsed `Value`) instead of canonical JSON: same key order and
+    /// duplicates, serde_json's string escapes, numbers as serde_json keeps
+    /// them with `arbitrary_precision`.
+    const COMPACT: bool = false;
+    /// Follow paths: `member`, `element`, `records`, `record` and the moves.
+    const PATHS: bool = false;
+
+    /// The node of member `key` (decoded) under `node`; may refuse the key.
+    fn member(&mut self, _node: u32, _key: &[u8]) -> Result<u32, Stop> {
+        Ok(OFF_PATH)
+    }
+    /// The node of element `index` of the array at `node`.
+    fn element(&self, _node: u32, _index: usize) -> u32 {
+        OFF_PATH
+    }
+    /// Whether the value at `node` (not `OFF_PATH`) is recorded.
+    fn records(&self, _node: u32) -> bool {
+        false
+    }
+    /// The value at `node` is `src` in the text and `out` in the output.
+    fn record(&mut self, _node: u32, _src: Range<usize>, _out: Range<usize>) {}
+    /// How many values were recorded so far.
+    fn recorded(&self) -> usize {
+        0
+    }
+    /// An object with recorded values is being rewritten in key order; its
+    /// members (in key order) follow: `Some(new start)` or `None` (dropped).
+    fn begin_moves(&mut self) {}
+    fn member_moved(&mut self, _to: Option<usize>) {}
+    /// Applies the moves to the values recorded since `from`, inside the
+    /// `members` (in key order, at their old places).
+    fn apply_moves(&mut self, _from: usize, _members: &[Member]) {}
+    /// For the value at `pos`: the bytes to write instead, and where it ends.
+    fn substitute(&self, _pos: usize) -> Option<(&[u8], usize)> {
+        None
+    }
+}
+
+impl Hooks for () {}
 
 /// One run of [`Canonicalizer::single_pass`]: a recursive descent parser
 /// that writes as it reads. Its methods return whether the value they wrote
 /// is poisoned by a number without canonical form: that is an error only if
 /// the value survives (a later duplicate key can drop it), as it is for
 /// [`canonical_text`], which parses before it writes.
-struct Pass<'a, 'b> {
+struct Pass<'a, 'b, H: Hooks> {
     text: &'a str,
     src: &'a [u8],
     pos: usize,
@@ -384,9 +497,10 @@ struct Pass<'a, 'b> {
     keys: &'b mut Vec<u8>,
     moved: &'b mut Vec<u8>,
     out: &'b mut Vec<u8>,
+    hooks: H,
 }
 
-impl Pass<'_, '_> {
+impl<H: Hooks> Pass<'_, '_, H> {
     #[inline]
     fn peek(&self) -> Option<u8> {
         self.src.get(self.pos).copied()
@@ -400,16 +514,33 @@ impl Pass<'_, '_> {
     }
 
     /// A value at `pos` (whitespace skipped), inside `depth` arrays and
-    /// objects.
-    fn value(&mut self, depth: u32) -> Result<bool, Stop> {
+    /// objects, at trie node `node` of the hooks.
+    fn value(&mut self, depth: u32, node: u32) -> Result<bool, Stop> {
+        if H::COMPACT {
+            if let Some((bytes, end)) = self.hooks.substitute(self.pos) {
+                self.out.extend_from_slice(bytes);
+                self.pos = end;
+                return Ok(false);
+            }
+        }
+        if H::PATHS && node != OFF_PATH && self.hooks.records(node) {
+            let (src, out) = (self.pos, self.out.len());
+            let poisoned = self.bare_value(depth, node)?;
+            self.hooks.record(node, src..self.pos, out..self.out.len());
+            return Ok(poisoned);
+        }
+        self.bare_value(depth, node)
+    }
+
+    fn bare_value(&mut self, depth: u32, node: u32) -> Result<bool, Stop> {
         match self.peek() {
             Some(b'"') => {
                 self.pos += 1;
                 self.string()?;
                 Ok(false)
             }
-            Some(b'{') => self.object(depth + 1),
-            Some(b'[') => self.array(depth + 1),
+            Some(b'{') => self.object(depth + 1, node),
+            Some(b'[') => self.array(depth + 1, node),
             Some(b'-' | b'0'..=b'9') => self.number(),
             Some(b't') => self.literal(b"true"),
             Some(b'f') => self.literal(b"false"),
@@ -463,6 +594,18 @@ impl Pass<'_, '_> {
                 return Err(Stop::Syntax);
             }
             self.pos = end;
+            if H::COMPACT {
+                // serde_json spells the exponent `e`, with its sign.
+                let marker = int_end + if frac.is_empty() { 0 } else { frac.len() + 1 };
+                self.out.extend_from_slice(&src[start..marker]);
+                self.out.push(b'e');
+                match src.get(marker + 1) {
+                    Some(&sign @ (b'+' | b'-')) => self.out.push(sign),
+                    _ => self.out.push(b'+'),
+                }
+                self.out.extend_from_slice(&src[i..end]);
+                return Ok(false);
+            }
             // start and end are next to ASCII bytes, so on char boundaries.
             return match write_number(&self.text[start..end], self.out) {
                 Ok(()) => Ok(false),
@@ -471,6 +614,10 @@ impl Pass<'_, '_> {
             };
         }
         self.pos = i;
+        if H::COMPACT {
+            self.out.extend_from_slice(&src[start..i]);
+            return Ok(false);
+        }
         // No exponent (as PostgreSQL prints numbers): write_number's rules,
         // with the exponent known to be small.
         let int = &src[int_start..int_end];
@@ -530,7 +677,7 @@ impl Pass<'_, '_> {
                     let c = self.escape()?;
                     if c < '\u{80}' && (c < '\u{20}' || c == '"' || c == '\\') {
                         // The checks above make the cast lossless.
-                        push_escaped_byte(c as u8, self.out);
+                        escape_byte(H::COMPACT, c as u8, self.out);
                     } else {
                         push_char(c, self.out);
                     }
@@ -573,7 +720,7 @@ impl Pass<'_, '_> {
                     }
                 }
                 let key_end = self.keys.len();
-                write_str_bytes(&self.keys[key_start..key_end], self.out);
+                write_str_bytes_as(H::COMPACT, &self.keys[key_start..key_end], self.out);
                 Ok((key_start, key_end, true))
             }
             _ => Err(Stop::Syntax),
@@ -634,7 +781,7 @@ impl Pass<'_, '_> {
         Ok(unit)
     }
 
-    fn array(&mut self, depth: u32) -> Result<bool, Stop> {
+    fn array(&mut self, depth: u32, node: u32) -> Result<bool, Stop> {
         if depth >= MAX_DEPTH {
             return Err(Stop::Syntax);
         }
@@ -647,8 +794,15 @@ impl Pass<'_, '_> {
             return Ok(false);
         }
         let mut poisoned = false;
+        let mut index = 0;
         loop {
-            poisoned |= self.value(depth)?;
+            let child = if H::PATHS && node != OFF_PATH {
+                self.hooks.element(node, index)
+            } else {
+                OFF_PATH
+            };
+            index += 1;
+            poisoned |= self.value(depth, child)?;
             self.skip_ws();
             match self.peek() {
                 Some(b',') => {
@@ -666,7 +820,7 @@ impl Pass<'_, '_> {
         }
     }
 
-    fn object(&mut self, depth: u32) -> Result<bool, Stop> {
+    fn object(&mut self, depth: u32, node: u32) -> Result<bool, Stop> {
         if depth >= MAX_DEPTH {
             return Err(Stop::Syntax);
         }
@@ -681,6 +835,7 @@ impl Pass<'_, '_> {
         }
         let base = self.members.len();
         let keys_base = self.keys.len();
+        let recorded_base = self.hooks.recorded();
         let mut ascending = true;
         loop {
             if self.peek() != Some(b'"') {
@@ -716,6 +871,11 @@ impl Pass<'_, '_> {
                     }
                 }
             }
+            let child = if H::PATHS {
+                self.hooks.member(node, member.key(self.src, self.keys))?
+            } else {
+                OFF_PATH
+            };
             self.skip_ws();
             if self.peek() != Some(b':') {
                 return Err(Stop::Syntax);
@@ -723,7 +883,7 @@ impl Pass<'_, '_> {
             self.pos += 1;
             self.out.push(b':');
             self.skip_ws();
-            let poisoned = self.value(depth)?;
+            let poisoned = self.value(depth, child)?;
             // Built whole here: the CPU forwards one wide store better than
             // fields updated one by one.
             self.members.push(Member {
@@ -750,7 +910,7 @@ impl Pass<'_, '_> {
             self.out.push(b'}');
             self.members[base..].iter().any(|m| m.poisoned)
         } else {
-            self.sort_members(open, base)
+            self.sort_members(open, base, recorded_base)
         };
         self.members.truncate(base);
         self.keys.truncate(keys_base);
@@ -759,8 +919,9 @@ impl Pass<'_, '_> {
 
     /// Rewrites the members of the object that opens at `open` (those from
     /// `base` on) in key order, keeping only the last of equal keys, and
-    /// closes it. Returns whether a kept member is poisoned.
-    fn sort_members(&mut self, open: usize, base: usize) -> bool {
+    /// closes it; values recorded since `recorded_base` move along. Returns
+    /// whether a kept member is poisoned.
+    fn sort_members(&mut self, open: usize, base: usize, recorded_base: usize) -> bool {
         let (src, keys) = (self.src, &**self.keys);
         let members = &mut self.members[base..];
         // Equal keys stay in text order, so the last one is kept.
@@ -769,11 +930,18 @@ impl Pass<'_, '_> {
         self.moved.clear();
         self.moved.extend_from_slice(&self.out[body..]);
         self.out.truncate(body);
+        let track = H::PATHS && self.hooks.recorded() > recorded_base;
+        if track {
+            self.hooks.begin_moves();
+        }
         let mut poisoned = false;
         let mut first = true;
         for (i, member) in members.iter().enumerate() {
             if let Some(next) = members.get(i + 1) {
                 if next.cmp_key(member, src, keys).is_eq() {
+                    if track {
+                        self.hooks.member_moved(None);
+                    }
                     continue;
                 }
             }
@@ -782,10 +950,16 @@ impl Pass<'_, '_> {
             }
             first = false;
             poisoned |= member.poisoned;
+            if track {
+                self.hooks.member_moved(Some(self.out.len()));
+            }
             self.out
                 .extend_from_slice(&self.moved[member.start - body..member.end - body]);
         }
         self.out.push(b'}');
+        if track {
+            self.hooks.apply_moves(recorded_base, &self.members[base..]);
+        }
         poisoned
     }
 }

@@ -387,19 +387,6 @@ fn process_row(
         }
         return Ok(());
     }
-    report.events += 1;
-    let seq: i64 = row.try_get(0)?;
-    let event_id: Uuid = row.try_get(4)?;
-    let Some(chain_id) = row.try_get::<Option<String>, _>(1)? else {
-        push(report, options, Problem {
-            chain_id: "(none)".into(),
-            position: None,
-            seq: Some(seq),
-            event_id: Some(event_id),
-            what: "the event is in no chain (stored before chains existed, or its link was removed)".into(),
-        });
-        return Ok(());
-    };
     let state = chains.entry(chain_id.clone()).or_insert_with(ChainState::new);
     if state.broken {
         return Ok(());
@@ -435,7 +422,7 @@ fn process_row(
         push(report, options, problem(what, Some(expected)));
         return Ok(());
     }
-    let record = read_record(&row, &chain_id, position);
+    let record = read_record(row, &chain_id, position);
     let recomputed = match record {
         Ok((parts, content_hash)) => {
             buffer.clear();

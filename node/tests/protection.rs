@@ -890,18 +890,7 @@ fn erase_args(h: &Harness, subject: &str) -> Vec<String> {
 }
 
 async fn assert_verifies(h: &Harness) {
-    let out = cli(&[
-        "verify".into(),
-        "--database-url".into(),
-        h.db.url.clone(),
-        "--state-dir".into(),
-        h.state.display().to_string(),
-    ])
-    .await;
-    assert!(
-        out.ok() && out.stdout.contains("verify: OK"),
-        "verify: {out:?}"
-    );
+    h.assert_verifies().await;
 }
 
 /// Asserts `verify` failed and reported `chain` at `position` (with `what`

@@ -102,6 +102,20 @@ pub(crate) fn token_of_canonical(
     }
 }
 
+/// The token of a string field value, from its decoded text.
+pub(crate) fn token_of_str(key: &BlindIndexKey, rule: &BlindIndexRule, text: &str) -> String {
+    token_of_text(key, &rule.name, rule.normalize, text)
+}
+
+/// The token of a field value that is not a string, from its canonical JSON.
+pub(crate) fn token_of_json(
+    key: &BlindIndexKey,
+    rule: &BlindIndexRule,
+    canonical: &[u8],
+) -> String {
+    token_of_bytes(key, &rule.name, rule.normalize, canonical)
+}
+
 fn token_of_text(key: &BlindIndexKey, name: &str, normalize: Normalize, text: &str) -> String {
     let normalised = normalise(normalize, text);
     digest_to_token(key, name, normalised.as_bytes())

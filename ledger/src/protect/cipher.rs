@@ -15,7 +15,7 @@ use aes_gcm::aead::AeadInPlace;
 use aes_gcm::Nonce;
 use base64::engine::general_purpose::STANDARD as BASE64;
 use base64::Engine;
-use rand::RngCore;
+use rand::{CryptoRng, RngCore};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -65,11 +65,24 @@ pub fn protect_payload<'p>(
     key: &DataKey,
     blind: Option<(&BlindIndexKey, &[BlindIndexRule])>,
 ) -> Result<Protected<'p>, ProtectError> {
+    let mut rng = rand::thread_rng();
+    protect_payload_with(payload, event_id, fields, key, blind, &mut rng)
+}
+
+/// [`protect_payload`] with the nonces drawn from `rng`, one per encrypted
+/// field in the order of `fields` (so tests can give two paths the same).
+pub(crate) fn protect_payload_with<'p, R: RngCore + CryptoRng>(
+    payload: &mut Value,
+    event_id: Uuid,
+    fields: impl Iterator<Item = &'p Pointer>,
+    key: &DataKey,
+    blind: Option<(&BlindIndexKey, &[BlindIndexRule])>,
+    rng: &mut R,
+) -> Result<Protected<'p>, ProtectError> {
     if let Some(pointer) = find_envelope(payload) {
         return Err(ProtectError::AlreadyProtected { pointer });
     }
     let mut aad = FieldAad::new(event_id);
-    let mut rng = rand::thread_rng();
     let mut buffer = Vec::with_capacity(256);
     let mut protected = Protected::default();
     for pointer in fields {
@@ -249,6 +262,56 @@ fn envelope(kid: &str, nonce: &[u8; NONCE_LEN], sealed: &[u8]) -> Value {
     Value::Object(outer)
 }
 
+/// `{"$erased":true}` as canonical JSON.
+pub(crate) const ERASED_JSON: &[u8] = br#"{"$erased":true}"#;
+
+/// Encrypts `plaintext` in place under `key` with a fresh nonce from `rng`,
+/// and appends the envelope of the field as canonical JSON to `out`: the
+/// bytes `write_value` gives for what `protect_payload` puts in the field.
+pub(crate) fn write_envelope<R: RngCore + CryptoRng>(
+    key: &DataKey,
+    aad: &[u8],
+    plaintext: &mut Vec<u8>,
+    rng: &mut R,
+    out: &mut Vec<u8>,
+) -> Result<(), &'static str> {
+    let mut nonce = [0u8; NONCE_LEN];
+    rng.fill_bytes(&mut nonce);
+    key.cipher()
+        .encrypt_in_place(Nonce::from_slice(&nonce), aad, plaintext)
+        .map_err(|_| "value too large for aes-gcm")?;
+    // Members in canonical (bytewise) order: c, kid, n, v. The version is
+    // written as its canonical number.
+    out.extend_from_slice(br#"{"$enc":{"c":""#);
+    push_base64(plaintext, out)?;
+    out.extend_from_slice(br#"","kid":"#);
+    crate::canonical::write_str(key.id(), out);
+    out.extend_from_slice(br#","n":""#);
+    push_base64(&nonce, out)?;
+    out.extend_from_slice(br#"","v":"#);
+    crate::canonical::write_number(ENVELOPE_VERSION_TEXT, out)
+        .map_err(|_| "invalid envelope version")?;
+    out.extend_from_slice(b"}}");
+    Ok(())
+}
+
+/// [`ENVELOPE_VERSION`] as JSON text.
+const ENVELOPE_VERSION_TEXT: &str = "1";
+const _: () = assert!(ENVELOPE_VERSION == 1, "update ENVELOPE_VERSION_TEXT");
+
+/// Appends standard base64 with padding, as `BASE64.encode` gives it.
+fn push_base64(bytes: &[u8], out: &mut Vec<u8>) -> Result<(), &'static str> {
+    const TOO_LARGE: &str = "value too large for base64";
+    let len = base64::encoded_len(bytes.len(), true).ok_or(TOO_LARGE)?;
+    let start = out.len();
+    out.resize(start + len, 0);
+    let written = BASE64
+        .encode_slice(bytes, &mut out[start..])
+        .map_err(|_| TOO_LARGE)?;
+    out.truncate(start + written);
+    Ok(())
+}
+
 fn marker(key: &str) -> Value {
     let mut map = Map::new();
     map.insert(key.to_owned(), Value::Bool(true));
@@ -256,23 +319,34 @@ fn marker(key: &str) -> Value {
 }
 
 /// `oat-field-v1\0<event id>\0<pointer>`, with the fixed part built once.
-struct FieldAad {
+#[derive(Debug, Default)]
+pub(crate) struct FieldAad {
     bytes: Vec<u8>,
     fixed_len: usize,
 }
 
 impl FieldAad {
-    fn new(event_id: Uuid) -> Self {
-        let mut bytes = Vec::with_capacity(AAD_PREFIX.len() + 37 + 64);
-        bytes.extend_from_slice(AAD_PREFIX);
-        let mut id = Uuid::encode_buffer();
-        bytes.extend_from_slice(event_id.hyphenated().encode_lower(&mut id).as_bytes());
-        bytes.push(0);
-        let fixed_len = bytes.len();
-        Self { bytes, fixed_len }
+    pub(crate) fn new(event_id: Uuid) -> Self {
+        let mut aad = Self {
+            bytes: Vec::with_capacity(AAD_PREFIX.len() + 37 + 64),
+            fixed_len: 0,
+        };
+        aad.reset(event_id);
+        aad
     }
 
-    fn for_field(&mut self, pointer: &str) -> &[u8] {
+    /// Starts over for another event, keeping the buffer.
+    pub(crate) fn reset(&mut self, event_id: Uuid) {
+        self.bytes.clear();
+        self.bytes.extend_from_slice(AAD_PREFIX);
+        let mut id = Uuid::encode_buffer();
+        self.bytes
+            .extend_from_slice(event_id.hyphenated().encode_lower(&mut id).as_bytes());
+        self.bytes.push(0);
+        self.fixed_len = self.bytes.len();
+    }
+
+    pub(crate) fn for_field(&mut self, pointer: &str) -> &[u8] {
         self.bytes.truncate(self.fixed_len);
         self.bytes.extend_from_slice(pointer.as_bytes());
         &self.bytes

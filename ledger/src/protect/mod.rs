@@ -6,7 +6,9 @@
 //! - [`cipher`]: AES-256-GCM field envelopes, reveal and redaction;
 //! - [`keys`]: data keys, KEK providers (key file, environment; the trait
 //!   fits a KMS or Vault), wrapping and rotation;
-//! - [`blind`]: blind-index tokens for equality search.
+//! - [`blind`]: blind-index tokens for equality search;
+//! - [`text`]: the stored form of a payload straight from its JSON text
+//!   (ingest), equal to `protect_payload` on the parsed payload.
 //!
 //! Pure code: no database, no network; callers store wrapped keys and tokens.
 
@@ -15,6 +17,7 @@ pub mod cipher;
 mod error;
 pub mod keys;
 pub mod policy;
+pub mod text;
 
 pub use blind::{query_token, query_tokens, token, BlindIndexKey};
 pub use cipher::{
@@ -24,3 +27,4 @@ pub use cipher::{
 pub use error::{KeyError, PolicyError, ProtectError};
 pub use keys::{rewrap, DataKey, EnvKeyProvider, KeyProvider, LocalKeyFile, WrappedKey};
 pub use policy::{BlindIndexRule, Normalize, Pointer, Policy, DEFAULT_POLICY_TOML};
+pub use text::{reference_form, FieldPlan, PayloadBatch, PayloadError, Scanned, Sealed, Treatment};

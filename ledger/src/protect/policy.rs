@@ -12,6 +12,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::error::PolicyError;
+use super::text::FieldPlan;
 use crate::envelope::MAX_IDENTIFIER_LEN;
 
 /// The policy used when no policy file is given. Public so an operator can
@@ -75,6 +76,18 @@ impl Pointer {
 
     pub fn as_str(&self) -> &str {
         &self.raw
+    }
+
+    /// The unescaped tokens.
+    pub(crate) fn tokens(&self) -> &[String] {
+        &self.tokens
+    }
+
+    /// Each token, with the array index it denotes if it is one.
+    pub(crate) fn steps(&self) -> impl Iterator<Item = (&str, Option<usize>)> + '_ {
+        self.tokens
+            .iter()
+            .map(|token| (token.as_str(), array_index(token)))
     }
 
     pub fn get<'v>(&self, root: &'v Value) -> Option<&'v Value> {
@@ -182,14 +195,38 @@ pub struct Policy {
     /// Every distinct protected pointer, in order of first appearance.
     pointers: Vec<Pointer>,
     /// Exact event type -> every field protected for it (all matching rules).
-    exact: HashMap<String, Vec<usize>>,
+    exact: HashMap<String, FieldSet>,
     /// `(prefix, fields)`, longest prefix first; the fields of an entry are
     /// those of every rule matching an event type whose longest matching
     /// prefix is this one (matching prefixes of one event type nest).
-    prefixes: Vec<(String, Vec<usize>)>,
+    prefixes: Vec<(String, FieldSet)>,
     /// Fields of the `*` rules: event types matching nothing more specific.
-    any: Vec<usize>,
+    any: FieldSet,
     blind_indexes: Vec<BlindIndexRule>,
+}
+
+/// The fields of some event types: indexes into `Policy::pointers`, and
+/// compiled for the single pass.
+#[derive(Debug, Clone)]
+struct FieldSet {
+    indexes: Vec<usize>,
+    plan: FieldPlan,
+}
+
+impl FieldSet {
+    fn new(
+        indexes: Vec<usize>,
+        pointers: &[Pointer],
+        blind_indexes: &[BlindIndexRule],
+        subject_pointer: Option<&Pointer>,
+    ) -> Self {
+        let plan = FieldPlan::new(
+            indexes.iter().map(|&i| &pointers[i]),
+            blind_indexes,
+            subject_pointer,
+        );
+        Self { indexes, plan }
+    }
 }
 
 #[derive(Deserialize)]
@@ -279,12 +316,19 @@ impl Policy {
         &self,
         event_type: &str,
     ) -> impl ExactSizeIterator<Item = &Pointer> + Clone + '_ {
-        self.field_indexes(event_type)
+        self.field_set(event_type)
+            .indexes
             .iter()
             .map(move |&index| &self.pointers[index])
     }
 
-    fn field_indexes(&self, event_type: &str) -> &[usize] {
+    /// The fields of `fields_for(event_type)` with the blind indexes and the
+    /// subject pointer, compiled for [`crate::protect::PayloadBatch`].
+    pub fn plan_for(&self, event_type: &str) -> &FieldPlan {
+        &self.field_set(event_type).plan
+    }
+
+    fn field_set(&self, event_type: &str) -> &FieldSet {
         if let Some(fields) = self.exact.get(event_type) {
             return fields;
         }
@@ -306,16 +350,7 @@ impl Policy {
     /// The subject id found at the subject pointer: a non-empty string or an
     /// integer. Read it before protecting the payload, in case it is protected.
     pub fn subject_from(&self, payload: &Value) -> Option<String> {
-        let value = self.subject_pointer.as_ref()?.get(payload)?;
-        let subject = match value {
-            Value::String(s) => s.clone(),
-            Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
-            _ => return None,
-        };
-        let valid = !subject.trim().is_empty()
-            && subject.len() <= MAX_IDENTIFIER_LEN
-            && !subject.chars().any(char::is_control);
-        valid.then_some(subject)
+        subject_at(self.subject_pointer.as_ref()?, payload)
     }
 
     pub fn blind_indexes(&self) -> &[BlindIndexRule] {
@@ -331,6 +366,24 @@ impl Policy {
     pub fn all_fields(&self) -> &[Pointer] {
         &self.pointers
     }
+}
+
+/// The subject id at `pointer`, as [`Policy::subject_from`] reads it.
+pub(crate) fn subject_at(pointer: &Pointer, payload: &Value) -> Option<String> {
+    let subject = match pointer.get(payload)? {
+        Value::String(s) => s.clone(),
+        Value::Number(n) if n.is_i64() || n.is_u64() => n.to_string(),
+        _ => return None,
+    };
+    is_valid_subject(&subject).then_some(subject)
+}
+
+/// A subject id must be non-empty, at most `MAX_IDENTIFIER_LEN` bytes and
+/// free of control characters.
+pub(crate) fn is_valid_subject(subject: &str) -> bool {
+    !subject.trim().is_empty()
+        && subject.len() <= MAX_IDENTIFIER_LEN
+        && !subject.chars().any(char::is_control)
 }
 
 fn parse(text: &str, origin: &str) -> Result<Policy, PolicyError> {
@@ -385,6 +438,9 @@ fn compile(file: PolicyFile) -> Result<Policy, String> {
         }
         (0..pointers.len()).filter(|&i| selected[i]).collect()
     };
+    let set = |indexes: Vec<usize>| {
+        FieldSet::new(indexes, &pointers, &blind_indexes, subject_pointer.as_ref())
+    };
     let mut exact = HashMap::new();
     let mut prefixes = Vec::new();
     for pattern in rules.iter().flat_map(|r| &r.patterns) {
@@ -395,7 +451,7 @@ fn compile(file: PolicyFile) -> Result<Policy, String> {
                     Pattern::Prefix(prefix) => event_type.starts_with(prefix.as_str()),
                     Pattern::Any => true,
                 });
-                exact.insert(event_type.clone(), fields);
+                exact.insert(event_type.clone(), set(fields));
             }
             Pattern::Prefix(prefix) => {
                 let fields = union(&|p| match p {
@@ -410,7 +466,11 @@ fn compile(file: PolicyFile) -> Result<Policy, String> {
     }
     prefixes.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.0.cmp(&b.0)));
     prefixes.dedup_by(|a, b| a.0 == b.0);
-    let any = union(&|p| *p == Pattern::Any);
+    let prefixes = prefixes
+        .into_iter()
+        .map(|(prefix, fields)| (prefix, set(fields)))
+        .collect();
+    let any = set(union(&|p| *p == Pattern::Any));
 
     Ok(Policy {
         subject_pointer,

@@ -621,24 +621,46 @@ async fn existing_ids(
     Ok(existing)
 }
 
-/// COPYs stored rows into `events`.
+/// COPYs stored rows into `events`, in chunks of about `CHUNK` bytes
+/// encoded into a buffer reused from call to call: a fresh buffer the size
+/// of the batch costs page faults on every batch.
 pub(crate) async fn copy_rows(
     conn: &mut sqlx::PgConnection,
     rows: &[StoredEvent],
 ) -> Result<(), StoreError> {
+    const CHUNK: usize = 256 * 1024;
+    /// Buffers kept for later calls (one per connection writing at once).
+    const KEEP: usize = 8;
+    static BUFFERS: std::sync::Mutex<Vec<String>> = std::sync::Mutex::new(Vec::new());
     if rows.is_empty() {
         return Ok(());
     }
-    let mut buffer = String::with_capacity(rows.len() * 1400);
-    for row in rows {
-        encode_copy_row(&mut buffer, row);
-    }
+    let mut buffer = BUFFERS
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .pop()
+        .unwrap_or_else(|| String::with_capacity(CHUNK + 16 * 1024));
+    buffer.clear();
     let mut copy = conn.copy_in_raw(COPY_EVENTS).await?;
-    if let Err(e) = copy.send(buffer.into_bytes()).await {
-        let _ = copy.abort("send failed").await;
-        return Err(e.into());
+    for (i, row) in rows.iter().enumerate() {
+        encode_copy_row(&mut buffer, row);
+        if buffer.len() < CHUNK && i + 1 < rows.len() {
+            continue;
+        }
+        if let Err(e) = copy.send(buffer.as_bytes()).await {
+            let _ = copy.abort("send failed").await;
+            return Err(e.into());
+        }
+        buffer.clear();
     }
     copy.finish().await?;
+    // A huge row may have grown it: keep only buffers of the usual size.
+    if buffer.capacity() <= 4 * CHUNK {
+        let mut buffers = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
+        if buffers.len() < KEEP {
+            buffers.push(buffer);
+        }
+    }
     Ok(())
 }
 

@@ -445,6 +445,15 @@ impl Harness {
             "verify failed:\n{stdout}{}",
             String::from_utf8_lossy(&output.stderr)
         );
+        // Every stored event was checked, once.
+        let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
+            .fetch_one(&self.pool)
+            .await
+            .expect("count events");
+        assert!(
+            stdout.contains(&format!("verify: OK: {events} events")),
+            "verify checked a different number of events than the {events} stored:\n{stdout}"
+        );
     }
 
     pub async fn finish(self) {
