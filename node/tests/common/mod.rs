@@ -315,8 +315,20 @@ pub async fn check_exactly_once(pool: &PgPool, expected: Produced) -> Result<(),
     .await
     .map_err(|e| e.to_string())?;
     if rows != distinct_positions {
+        // Say where: each doubled position and the tables holding it.
+        let doubled: Vec<(String, i32, i64, String)> = sqlx::query_as(
+            "WITH all_offsets AS (
+                 SELECT kafka_topic, kafka_partition, kafka_offset, 'events' AS t FROM events
+                 UNION ALL SELECT kafka_topic, kafka_partition, kafka_offset, 'dead_letters' FROM dead_letters
+                 UNION ALL SELECT kafka_topic, kafka_partition, kafka_offset, 'duplicates' FROM duplicates)
+             SELECT kafka_topic, kafka_partition, kafka_offset, string_agg(t, ',')
+             FROM all_offsets GROUP BY 1, 2, 3 HAVING count(*) > 1 LIMIT 10",
+        )
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
         return Err(format!(
-            "{} offsets are stored more than once",
+            "{} offsets are stored more than once: {doubled:?}",
             rows - distinct_positions
         ));
     }
