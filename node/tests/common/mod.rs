@@ -305,7 +305,8 @@ pub async fn wait_all_stored(pool: &PgPool, group: &str, produced: Produced, tim
 /// and no event_id twice.
 pub async fn check_exactly_once(pool: &PgPool, expected: Produced) -> Result<(), String> {
     const ALL_OFFSETS: &str = "WITH all_offsets AS (
-             SELECT kafka_topic, kafka_partition, kafka_offset FROM events
+             -- System events (erasures, audited reads) have no Kafka position.
+             SELECT kafka_topic, kafka_partition, kafka_offset FROM events WHERE kafka_topic IS NOT NULL
              UNION ALL SELECT kafka_topic, kafka_partition, kafka_offset FROM dead_letters
              UNION ALL SELECT kafka_topic, kafka_partition, kafka_offset FROM duplicates)";
     let (rows, distinct_positions): (i64, i64) = sqlx::query_as(&format!(
@@ -319,6 +320,7 @@ pub async fn check_exactly_once(pool: &PgPool, expected: Produced) -> Result<(),
         let doubled: Vec<(String, i32, i64, String)> = sqlx::query_as(
             "WITH all_offsets AS (
                  SELECT kafka_topic, kafka_partition, kafka_offset, 'events' AS t FROM events
+                 WHERE kafka_topic IS NOT NULL
                  UNION ALL SELECT kafka_topic, kafka_partition, kafka_offset, 'dead_letters' FROM dead_letters
                  UNION ALL SELECT kafka_topic, kafka_partition, kafka_offset, 'duplicates' FROM duplicates)
              SELECT kafka_topic, kafka_partition, kafka_offset, string_agg(t, ',')
