@@ -113,23 +113,6 @@ END $$;
 
 SELECT audit_ensure_event_partitions(3);
 
--- Every stored event id, globally unique (the partitioned `events` table can
--- only enforce uniqueness together with occurred_at). The writer claims a
--- batch's ids here first: the primary key finds ids already stored in the
--- same index descent that enforces uniqueness, and serialises two partitions
--- racing with the same id.
-CREATE TABLE event_ids (
-    event_id        uuid        PRIMARY KEY,
-    content_hash    bytea       NOT NULL,
-    occurred_at     timestamptz NOT NULL,
-    kafka_topic     text        NOT NULL,
-    kafka_partition integer     NOT NULL,
-    kafka_offset    bigint      NOT NULL
-);
-CREATE TRIGGER event_ids_append_only
-    BEFORE UPDATE OR DELETE OR TRUNCATE ON event_ids
-    FOR EACH STATEMENT EXECUTE FUNCTION audit_refuse_change();
-
 CREATE TABLE dead_letters (
     id              bigint      GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
     kafka_topic     text        NOT NULL,
@@ -176,10 +159,10 @@ CREATE TABLE consumer_offsets (
     PRIMARY KEY (group_id, topic, partition)
 );
 
-REVOKE ALL ON events, events_default, event_ids, dead_letters, duplicates, consumer_offsets FROM PUBLIC;
+REVOKE ALL ON events, events_default, dead_letters, duplicates, consumer_offsets FROM PUBLIC;
 REVOKE ALL ON FUNCTION audit_ensure_event_partitions(integer) FROM PUBLIC;
-GRANT SELECT, INSERT ON events, event_ids, dead_letters, duplicates TO audit_writer;
+GRANT SELECT, INSERT ON events, dead_letters, duplicates TO audit_writer;
 GRANT SELECT, INSERT, UPDATE ON consumer_offsets TO audit_writer;
 GRANT USAGE ON SEQUENCE events_seq TO audit_writer;
 GRANT EXECUTE ON FUNCTION audit_ensure_event_partitions(integer) TO audit_writer;
-GRANT SELECT ON events, event_ids, dead_letters, duplicates, consumer_offsets TO audit_reader;
+GRANT SELECT ON events, dead_letters, duplicates, consumer_offsets TO audit_reader;

@@ -4,7 +4,7 @@
 //!
 //! - **Order, no gap, no duplicate.** The stream is a sequence of keyset
 //!   pages after the last position sent, each bounded by the snapshot
-//!   horizon (`audit_ledger::query`, migration `…03_query_api.sql`): an
+//!   horizon (`audit_ledger::query`, migration `…04_query_api.sql`): an
 //!   event that commits later can never sort before a position already
 //!   sent, so catch-up and live tail are one loop and nothing is skipped or
 //!   repeated between them. Without `follow`, the stream ends at the

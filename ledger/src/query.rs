@@ -7,7 +7,7 @@
 //! flight (`tx < pg_snapshot_xmin(pg_current_snapshot())`), so no event can
 //! later appear *before* a position a reader has already passed: keyset
 //! pages after a [`Position`] never skip or repeat an event, even while
-//! ingestion runs (migration `…03_query_api.sql`). `seq` alone cannot give
+//! ingestion runs (migration `…04_query_api.sql`). `seq` alone cannot give
 //! that: concurrent batches draw `seq` values before they commit, in any
 //! order. The price: an event becomes readable once every transaction that
 //! started before its own has finished, usually milliseconds later.

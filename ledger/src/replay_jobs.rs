@@ -1,7 +1,7 @@
 //! Replay jobs: republishing the events that match a filter to a Kafka
 //! topic, as a tracked, resumable job (`POST /v1/replays`,
 //! `GET /v1/replays/{id}`). This module is the job table
-//! (`replay_jobs`, migration `…03_query_api.sql`) and the records a job
+//! (`replay_jobs`, migration `…04_query_api.sql`) and the records a job
 //! publishes; the runner that publishes them lives in
 //! `audit_actors::republish`, so this crate stays free of Kafka.
 //!
