@@ -7,14 +7,14 @@
 pub mod batch;
 pub mod canonical;
 pub mod checkpoint;
+pub mod envelope;
+pub mod error;
 pub mod merkle;
 pub mod proofs;
 pub mod protect;
 pub mod query;
-pub mod replay_jobs;
-pub mod envelope;
-pub mod error;
 pub mod record;
+pub mod replay_jobs;
 pub mod store;
 pub mod testing;
 pub mod verify;

@@ -128,7 +128,9 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
         let root: Vec<u8> = row.try_get(2)?;
         let signed_at: DateTime<Utc> = row.try_get(3)?;
         let signature: Vec<u8> = row.try_get(5)?;
-        let (Ok(root), Ok(signature)) = (<[u8; 32]>::try_from(root), <[u8; 64]>::try_from(signature)) else {
+        let (Ok(root), Ok(signature)) =
+            (<[u8; 32]>::try_from(root), <[u8; 64]>::try_from(signature))
+        else {
             report.problems.push(Problem {
                 chain_id,
                 position: None,
@@ -248,7 +250,10 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
         if found.broken {
             continue;
         }
-        let found_head = found.head.map(|h| h.to_vec()).unwrap_or_else(|| GENESIS.to_vec());
+        let found_head = found
+            .head
+            .map(|h| h.to_vec())
+            .unwrap_or_else(|| GENESIS.to_vec());
         if length < 0 || length as u64 != found.length || head != found_head {
             push(
                 &mut report,
@@ -266,8 +271,12 @@ pub async fn verify(pool: &PgPool, options: &VerifyOptions) -> Result<Report, St
             );
         }
     }
-    report.problems.sort_by(|a, b| (a.seq, &a.chain_id).cmp(&(b.seq, &b.chain_id)));
-    report.chains.retain(|_, s| s.length > 0 || s.checkpoints > 0);
+    report
+        .problems
+        .sort_by(|a, b| (a.seq, &a.chain_id).cmp(&(b.seq, &b.chain_id)));
+    report
+        .chains
+        .retain(|_, s| s.length > 0 || s.checkpoints > 0);
     Ok(report)
 }
 
@@ -302,7 +311,14 @@ async fn verify_share(
         }
         let mut stream = query.fetch(&mut *conn);
         while let Some(row) = stream.try_next().await? {
-            process_row(&row, id.map(String::as_str), &mut chains, &mut report, options, &mut buffer)?;
+            process_row(
+                &row,
+                id.map(String::as_str),
+                &mut chains,
+                &mut report,
+                options,
+                &mut buffer,
+            )?;
         }
     }
     for (chain_id, state) in chains {
@@ -335,7 +351,8 @@ async fn verify_share(
 }
 
 /// The columns a chain record is rebuilt from.
-const ROW_COLUMNS: &str = "seq, chain_id, chain_position, hash, event_id, event_type, stream_id, stream_version,
+const ROW_COLUMNS: &str =
+    "seq, chain_id, chain_position, hash, event_id, event_type, stream_id, stream_version,
     occurred_at, ingested_at, source, correlation_id, causation_id, subject_id,
     kafka_topic, kafka_partition, kafka_offset, headers::text, metadata::text,
     payload::text, blind_index, content_hash";
@@ -387,7 +404,9 @@ fn process_row(
         }
         return Ok(());
     }
-    let state = chains.entry(chain_id.clone()).or_insert_with(ChainState::new);
+    let state = chains
+        .entry(chain_id.clone())
+        .or_insert_with(ChainState::new);
     if state.broken {
         return Ok(());
     }
@@ -405,7 +424,11 @@ fn process_row(
         Some(p) if p >= 0 => p as u64,
         _ => {
             state.broken = true;
-            push(report, options, problem("the chain position is missing".into(), Some(expected)));
+            push(
+                report,
+                options,
+                problem("the chain position is missing".into(), Some(expected)),
+            );
             return Ok(());
         }
     };
@@ -426,7 +449,9 @@ fn process_row(
     let recomputed = match record {
         Ok((parts, content_hash)) => {
             buffer.clear();
-            parts.record(&chain_id, position, &content_hash).encode(buffer);
+            parts
+                .record(&chain_id, position, &content_hash)
+                .encode(buffer);
             chain_hash(&state.prev, buffer)
         }
         Err(what) => {
@@ -456,7 +481,11 @@ fn process_row(
         for (checkpoint, origin) in checkpoints {
             if checkpoint.root_hash == root {
                 report.checkpoints_verified += 1;
-                report.chains.entry(chain_id.clone()).or_default().checkpoints += 1;
+                report
+                    .chains
+                    .entry(chain_id.clone())
+                    .or_default()
+                    .checkpoints += 1;
             } else {
                 state.broken = true;
                 push(
@@ -525,7 +554,12 @@ struct Parts {
 }
 
 impl Parts {
-    fn record<'a>(&'a self, chain_id: &'a str, position: u64, content_hash: &'a [u8; 32]) -> ChainRecord<'a> {
+    fn record<'a>(
+        &'a self,
+        chain_id: &'a str,
+        position: u64,
+        content_hash: &'a [u8; 32],
+    ) -> ChainRecord<'a> {
         ChainRecord {
             chain_id,
             position,

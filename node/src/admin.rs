@@ -123,7 +123,10 @@ pub async fn keys(command: KeysCommand) -> anyhow::Result<()> {
         KeysCommand::Init { state_dir } => {
             let created = init_state_dir(&state_dir)?;
             if created.is_empty() {
-                println!("keys already present in {}; nothing created", state_dir.display());
+                println!(
+                    "keys already present in {}; nothing created",
+                    state_dir.display()
+                );
             }
             for path in created {
                 println!("created {}", path.display());
@@ -350,12 +353,14 @@ async fn load_key(
         kek_version: row.try_get(0)?,
         ciphertext: row.try_get(1)?,
     };
-    Ok(Some(provider.unwrap(&wrapped).await.with_context(|| {
-        format!(
-            "unwrapping data key {key_id} (KEK version {})",
-            wrapped.kek_version
-        )
-    })?))
+    Ok(Some(provider.unwrap(&wrapped).await.with_context(
+        || {
+            format!(
+                "unwrapping data key {key_id} (KEK version {})",
+                wrapped.kek_version
+            )
+        },
+    )?))
 }
 
 pub async fn verify_command(args: VerifyArgs) -> anyhow::Result<bool> {

@@ -281,13 +281,17 @@ async fn stored_chunks(url: &str, batch: usize) -> anyhow::Result<Vec<(String, S
         .trim_start_matches("COPY events (")
         .trim_end_matches(") FROM STDIN")
         .to_string();
-    let events = read(&mut conn, format!(
-        "COPY (SELECT {columns} FROM events ORDER BY kafka_partition, kafka_offset) TO STDOUT"
-    ))
+    let events = read(
+        &mut conn,
+        format!(
+            "COPY (SELECT {columns} FROM events ORDER BY kafka_partition, kafka_offset) TO STDOUT"
+        ),
+    )
     .await?;
     let ids = read(
         &mut conn,
-        "COPY (SELECT e.* FROM event_ids e ORDER BY kafka_partition, kafka_offset) TO STDOUT".into(),
+        "COPY (SELECT e.* FROM event_ids e ORDER BY kafka_partition, kafka_offset) TO STDOUT"
+            .into(),
     )
     .await?;
     let _ = conn.close().await;
@@ -304,7 +308,10 @@ async fn stored_chunks(url: &str, batch: usize) -> anyhow::Result<Vec<(String, S
             .collect()
     };
     let (events, ids) = (split(&events), split(&ids));
-    anyhow::ensure!(events.len() == ids.len(), "events and event_ids differ in size");
+    anyhow::ensure!(
+        events.len() == ids.len(),
+        "events and event_ids differ in size"
+    );
     Ok(events.into_iter().zip(ids).collect())
 }
 

@@ -58,7 +58,11 @@ pub fn layout(dir: &Path) -> StateLayout {
 }
 
 impl KeyArgs {
-    fn pick(&self, explicit: &Option<PathBuf>, from_dir: fn(StateLayout) -> PathBuf) -> Option<PathBuf> {
+    fn pick(
+        &self,
+        explicit: &Option<PathBuf>,
+        from_dir: fn(StateLayout) -> PathBuf,
+    ) -> Option<PathBuf> {
         explicit
             .clone()
             .or_else(|| self.state_dir.as_deref().map(|d| from_dir(layout(d))))

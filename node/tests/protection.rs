@@ -1304,11 +1304,10 @@ async fn kek_rotation_rewraps_data_keys_and_events_still_decrypt() {
     wait_offsets(&h, 2).await;
     node.terminate();
 
-    let hashes_before: Vec<Vec<u8>> =
-        sqlx::query_scalar("SELECT hash FROM events ORDER BY seq")
-            .fetch_all(&h.pool)
-            .await
-            .unwrap();
+    let hashes_before: Vec<Vec<u8>> = sqlx::query_scalar("SELECT hash FROM events ORDER BY seq")
+        .fetch_all(&h.pool)
+        .await
+        .unwrap();
     let versions = |pool: sqlx::PgPool| async move {
         sqlx::query_scalar::<_, String>("SELECT DISTINCT kek_version FROM subject_keys")
             .fetch_all(&pool)
@@ -1330,7 +1329,10 @@ async fn kek_rotation_rewraps_data_keys_and_events_still_decrypt() {
 
     // v1 still wraps keys: retiring it is refused.
     let refused = cli(&keys_cmd(&["retire", "v1"])).await;
-    assert!(!refused.ok(), "retiring a KEK in use must fail: {refused:?}");
+    assert!(
+        !refused.ok(),
+        "retiring a KEK in use must fail: {refused:?}"
+    );
     assert!(refused.stderr.contains("still wrapped"), "{refused:?}");
 
     let rotated = cli(&keys_cmd(&["rotate"])).await;
@@ -1347,7 +1349,10 @@ async fn kek_rotation_rewraps_data_keys_and_events_still_decrypt() {
     let retired = cli(&keys_cmd(&["retire", "v1"])).await;
     assert!(retired.ok(), "{retired:?}");
     let current = cli(&keys_cmd(&["retire", "v2"])).await;
-    assert!(!current.ok(), "retiring the current KEK must fail: {current:?}");
+    assert!(
+        !current.ok(),
+        "retiring the current KEK must fail: {current:?}"
+    );
 
     for s in &sent {
         let decrypted = show(&h, s.event_id, true).await;

@@ -340,7 +340,10 @@ mod tests {
         head.link(&mut event, &mut scratch);
         let mut row = String::new();
         encode_copy_row(&mut row, &event);
-        assert!(row.ends_with("{\"email:ab\",\"we\\\\\"ird\\\\\\\\\"}\n"), "{row}");
+        assert!(
+            row.ends_with("{\"email:ab\",\"we\\\\\"ird\\\\\\\\\"}\n"),
+            "{row}"
+        );
         assert!(row.contains("\\N\t\\N\t\\N\tsystem\t0\t"), "{row}");
         assert_eq!(head.length, 1);
     }

@@ -370,7 +370,11 @@ impl EventStore for PgEventStore {
             let keep: Vec<&Event> = events
                 .iter()
                 .copied()
-                .filter(|e| !refused.iter().any(|(r, _)| r.kafka_offset == e.kafka_offset))
+                .filter(|e| {
+                    !refused
+                        .iter()
+                        .any(|(r, _)| r.kafka_offset == e.kafka_offset)
+                })
                 .collect();
             let claimed = claim_ids(&mut tx, &keep).await?;
             if claimed.len() != keep.len() {
@@ -482,8 +486,16 @@ impl EventStore for PgEventStore {
     }
 }
 
-fn dead_letter_for(batch: &crate::batch::PreparedBatch, event: &Event, reason: DeadLetterReason) -> DeadLetter {
-    match batch.records.iter().find(|r| r.offset == event.kafka_offset) {
+fn dead_letter_for(
+    batch: &crate::batch::PreparedBatch,
+    event: &Event,
+    reason: DeadLetterReason,
+) -> DeadLetter {
+    match batch
+        .records
+        .iter()
+        .find(|r| r.offset == event.kafka_offset)
+    {
         Some(record) => DeadLetter::from_record(record, Some(event.event_id), reason),
         None => DeadLetter {
             kafka_topic: event.kafka_topic.clone(),
@@ -521,7 +533,9 @@ pub(crate) async fn lock_chain(
     let length: i64 = row.try_get(0)?;
     let head: Vec<u8> = row.try_get(1)?;
     let frontier: Vec<u8> = row.try_get(2)?;
-    let corrupt = |what: String| StoreError::Fatal(format!("chain {chain_id}: {what}; run `audit-node verify`"));
+    let corrupt = |what: String| {
+        StoreError::Fatal(format!("chain {chain_id}: {what}; run `audit-node verify`"))
+    };
     let length = u64::try_from(length).map_err(|_| corrupt(format!("negative length {length}")))?;
     Ok(ChainHead {
         chain_id: chain_id.to_owned(),

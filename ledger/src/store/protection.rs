@@ -247,11 +247,10 @@ impl Keyring {
         for _ in subjects {
             let key_id = Uuid::new_v4();
             let key = DataKey::generate_with_id(key_id.to_string());
-            let wrapped = self
-                .provider
-                .wrap(&key)
-                .await
-                .map_err(|e| StoreError::Unavailable(format!("wrapping a new data key: {e}")))?;
+            let wrapped =
+                self.provider.wrap(&key).await.map_err(|e| {
+                    StoreError::Unavailable(format!("wrapping a new data key: {e}"))
+                })?;
             ids.push(key_id);
             versions.push(wrapped.kek_version);
             wrapped_keys.push(wrapped.ciphertext);
@@ -284,11 +283,11 @@ pub struct Prepared {
 impl Prepared {
     /// The stored form of the event at `offset`, or why it has none.
     pub fn take(&mut self, offset: i64) -> Result<StoredEvent, DeadLetterReason> {
-        self.rows
-            .remove(&offset)
-            .unwrap_or_else(|| Err(DeadLetterReason::Unprotectable {
+        self.rows.remove(&offset).unwrap_or_else(|| {
+            Err(DeadLetterReason::Unprotectable {
                 error: format!("offset {offset} was not prepared (internal error)"),
-            }))
+            })
+        })
     }
 }
 
@@ -572,7 +571,8 @@ fn reference_store_form(
     buffer.clear();
     crate::canonical::write_value(&payload, buffer).map_err(|e| unprotectable(&e))?;
     let text = String::from_utf8(std::mem::take(buffer)).map_err(|e| unprotectable(&e))?;
-    let mut stored = StoredEvent::from_event(event, text, ingested_at).map_err(|e| unprotectable(&e))?;
+    let mut stored =
+        StoredEvent::from_event(event, text, ingested_at).map_err(|e| unprotectable(&e))?;
     stored.subject_id = subject;
     stored.blind_index = blind_index;
     Ok(stored)
@@ -653,7 +653,10 @@ mod tests {
                 Err(DeadLetterReason::Unprotectable { error }) => {
                     assert!(error.contains("reserved"), "{error}")
                 }
-                other => panic!("{payload}: expected a dead letter, got {:?}", other.map(|e| e.payload)),
+                other => panic!(
+                    "{payload}: expected a dead letter, got {:?}",
+                    other.map(|e| e.payload)
+                ),
             }
         }
         let ordinary = event_with_payload(r#"{"a": {"private": "\u0041"}}"#);

@@ -118,7 +118,9 @@ pub async fn erase_subject(
         ));
     }
     if erased_by.trim().is_empty() {
-        return Err(StoreError::Fatal("who requests the erasure is required".into()));
+        return Err(StoreError::Fatal(
+            "who requests the erasure is required".into(),
+        ));
     }
     let mut tx = pool.begin().await?;
     if let Some(done) = previous(&mut tx, subject_id).await? {
@@ -161,9 +163,9 @@ pub async fn erase_subject(
         // A concurrent erasure of the same subject committed first.
         tx.rollback().await?;
         let mut conn = pool.acquire().await?;
-        let done = previous(&mut conn, subject_id).await?.ok_or_else(|| {
-            StoreError::Conflict("concurrent erasure vanished; try again".into())
-        })?;
+        let done = previous(&mut conn, subject_id)
+            .await?
+            .ok_or_else(|| StoreError::Conflict("concurrent erasure vanished; try again".into()))?;
         return Ok((done, None));
     }
     tx.commit().await?;
@@ -178,7 +180,11 @@ pub async fn erase_subject(
     .fetch_one(pool)
     .await
     .unwrap_or(false);
-    let vacuumed = may_vacuum && sqlx::query("VACUUM subject_keys").execute(pool).await.is_ok();
+    let vacuumed = may_vacuum
+        && sqlx::query("VACUUM subject_keys")
+            .execute(pool)
+            .await
+            .is_ok();
     if !vacuumed {
         tracing::warn!(
             "VACUUM subject_keys not possible for this role; the deleted wrapped key stays in the table file until autovacuum removes it"
