@@ -8,6 +8,7 @@ mod bench;
 mod dev;
 mod keys;
 mod mock;
+mod mock_control;
 mod node;
 mod produce;
 mod settings;
@@ -131,12 +132,19 @@ struct KafkaMockArgs {
     /// File to write the bootstrap address to once the cluster is ready.
     #[arg(long, env = "AUDIT_MOCK_BOOTSTRAP_FILE")]
     bootstrap_file: Option<PathBuf>,
+    /// Serve the fault-injection HTTP API here (port 0: any free port; printed as `kafka mock control listening: ADDR`). No authentication: keep it on loopback.
+    #[arg(long, env = "AUDIT_MOCK_CONTROL_ADDR")]
+    control_addr: Option<std::net::SocketAddr>,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing(&cli.log_format);
+    // Blocking work (batch parsing, librdkafka seeks) is short. Tokio's
+    // default of 512 threads let 256 partitions grow ~150 threads, each with
+    // its own allocator heap: far more resident memory than data.
     let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .max_blocking_threads(16)
         .enable_all()
         .build()
     {
@@ -242,7 +250,26 @@ async fn kafka_mock(args: KafkaMockArgs) -> anyhow::Result<()> {
         mock::write_atomically(path, cluster.bootstrap())?;
     }
     println!("kafka mock cluster ready: {}", cluster.bootstrap());
+    let (stop_control, control_stopped) = tokio::sync::oneshot::channel::<()>();
+    let control = match args.control_addr {
+        Some(addr) => {
+            let (local, server) = mock_control::bind(addr, cluster.control(), async move {
+                let _ = control_stopped.await;
+            })
+            .await?;
+            tracing::info!(addr = %local, "mock control API listening");
+            println!("kafka mock control listening: {local}");
+            Some(server)
+        }
+        None => None,
+    };
     shutdown_signal().await;
+    let _ = stop_control.send(());
+    if let Some(server) = control {
+        if let Err(error) = server.await.context("stopping the mock control API")? {
+            tracing::warn!(error = %error, "mock control API stopped with an error");
+        }
+    }
     // Leave the stopping cluster alone off the runtime.
     tokio::task::spawn_blocking(move || drop(cluster))
         .await
@@ -267,10 +294,22 @@ pub async fn shutdown_signal() {
     tracing::info!("shutdown requested");
 }
 
+/// Installs the Prometheus recorder. Must run inside the tokio runtime.
 pub fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
+    let handle = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
-        .context("installing the Prometheus metrics recorder")
+        .context("installing the Prometheus metrics recorder")?;
+    // Histogram samples pile up until something drains them: a scrape does,
+    // but nobody may scrape. Upkeep bounds that memory either way.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            tick.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
+    Ok(handle)
 }
 
 fn init_tracing(format: &str) {

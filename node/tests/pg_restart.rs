@@ -1,27 +1,26 @@
 //! PostgreSQL restarted mid-stream: the node recovers by itself and the
-//! store is still exact. Restarts the local server, so it lives in its own
-//! test binary (cargo runs test binaries one at a time).
-//!
-//! The restart command defaults to Debian's `pg_ctlcluster 15 main restart`
-//! and can be replaced with AUDIT_TEST_PG_RESTART (run through `sh -c`).
+//! store is still exact. The server is a private one (common/private_pg.rs):
+//! the shared local server is never stopped, other tests use it meanwhile.
 
 mod common;
 
 use std::time::Duration;
 
-use audit_ledger::testing::TestDatabase;
+use common::private_pg::PrivatePg;
 use common::*;
 
 // Timeline: node ingesting → server stops (fast mode: every connection
-// dropped) and stays down 12 s → starts again → writes fail, partitions pause and
-// retry with backoff → server back → batches retried, partitions resume.
+// dropped) → writes fail, partitions pause and retry with backoff → the
+// node has logged a failed write → server starts again → batches retried,
+// partitions resume.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recovers_from_a_postgres_restart_mid_stream() {
     let dir = scratch_dir();
     let topic = random_name("orders");
     let group = random_name("group");
     let kafka = MockKafka::start(&topic, 8, &dir).await;
-    let db = TestDatabase::create().await.expect("test database");
+    let pg = PrivatePg::start();
+    let db = pg.create_database().await;
     let pool = admin_pool(&db).await;
     let state = init_state_dir(&dir);
     let mut node = Proc::spawn(
@@ -66,21 +65,15 @@ async fn recovers_from_a_postgres_restart_mid_stream() {
     .await;
 
     let started_before: f64 = postmaster_start(&pool).await;
-    // Down for longer than the pool's acquire timeout (10 s), so writes fail
-    // and the pause/retry path runs, not just a transparent reconnect.
-    let restart = std::env::var("AUDIT_TEST_PG_RESTART").unwrap_or_else(|_| {
-        "pg_ctlcluster 15 main stop -m fast && sleep 12 && pg_ctlcluster 15 main start".into()
-    });
-    let status = tokio::process::Command::new("sh")
-        .arg("-c")
-        .arg(&restart)
-        .status()
-        .await
-        .expect("run restart");
-    assert!(
-        status.success(),
-        "`{restart}` failed; set AUDIT_TEST_PG_RESTART to a command that restarts the test server"
-    );
+    // Down until the node has seen it fail a write, so the pause/retry path
+    // runs, not just a transparent reconnect.
+    pg.stop_server("fast");
+    wait_until("a failed write", Duration::from_secs(120), || {
+        let seen = node.log_text().contains("store write failed");
+        async move { seen }
+    })
+    .await;
+    pg.start_server();
 
     let produced = producer.await.expect("producer");
     wait_until(
@@ -111,7 +104,7 @@ async fn recovers_from_a_postgres_restart_mid_stream() {
         .await
         .expect("exactly once across a PostgreSQL restart");
     pool.close().await;
-    db.drop_database().await;
+    drop(pg);
 }
 
 async fn postmaster_start(pool: &sqlx::PgPool) -> f64 {

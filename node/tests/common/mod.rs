@@ -4,6 +4,8 @@
 //! with deadlines instead of sleeps.
 #![allow(dead_code)]
 
+pub mod private_pg;
+
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
