@@ -22,6 +22,10 @@ pub struct PipelineConfig {
     pub write_retry_base: Duration,
     pub write_retry_max: Duration,
     pub parse: ParseOptions,
+    /// Parse batches on the partition actor's own task instead of tokio's
+    /// blocking pool. For deterministic simulation only (chaos/): a pool
+    /// thread finishes in real time, which a virtual clock cannot order.
+    pub parse_inline: bool,
     pub restart: RestartPolicy,
     /// Written to `consumer_offsets.updated_by`.
     pub node_id: String,
@@ -38,6 +42,7 @@ impl Default for PipelineConfig {
             write_retry_base: Duration::from_millis(100),
             write_retry_max: Duration::from_secs(10),
             parse: ParseOptions::default(),
+            parse_inline: false,
             restart: RestartPolicy::default(),
             node_id: "node".into(),
             group_id: "audit-trail".into(),

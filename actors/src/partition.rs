@@ -250,9 +250,13 @@ impl PartitionState {
             return Ok(None);
         };
         let parse = config.parse.clone();
-        let batch = tokio::task::spawn_blocking(move || PreparedBatch::parse(records, &parse))
-            .await
-            .map_err(|e| PartitionError::Parse(e.to_string()))?;
+        let batch = if config.parse_inline {
+            PreparedBatch::parse(records, &parse)
+        } else {
+            tokio::task::spawn_blocking(move || PreparedBatch::parse(records, &parse))
+                .await
+                .map_err(|e| PartitionError::Parse(e.to_string()))?
+        };
         Ok(batch.map(|batch| Pending {
             batch,
             _permit: permit,

@@ -1,11 +1,14 @@
-//! Request bodies: an optional JSON body, and the body size limit.
+//! Request bodies: an optional JSON body, strict JSON strings, and the body
+//! size limit.
 
 use poem::http::StatusCode;
 use poem::{Endpoint, FromRequest, Request, RequestBody, Response};
 use poem_openapi::error::ParseRequestPayloadError;
+use poem_openapi::registry::MetaSchemaRef;
 use poem_openapi::registry::{MetaMediaType, MetaRequest, Registry};
-use poem_openapi::types::ParseFromJSON;
+use poem_openapi::types::{ParseError, ParseFromJSON, ParseResult, ToJSON, Type};
 use poem_openapi::{ApiExtractor, ApiExtractorType, ExtractParamOptions};
+use serde_json::Value;
 
 use crate::problem::problem_response;
 
@@ -53,14 +56,80 @@ impl<'a, T: ParseFromJSON> ApiExtractor<'a> for OptionalJson<T> {
             }
             .into());
         }
-        let value: serde_json::Value =
-            serde_json::from_slice(&data).map_err(|e| ParseRequestPayloadError {
-                reason: format!("not JSON: {e}"),
-            })?;
+        let value: Value = serde_json::from_slice(&data).map_err(|e| ParseRequestPayloadError {
+            reason: format!("not JSON: {e}"),
+        })?;
         let parsed = T::parse_from_json(Some(value)).map_err(|e| ParseRequestPayloadError {
             reason: e.into_message(),
         })?;
         Ok(Self(Some(parsed)))
+    }
+}
+
+/// A string field of a JSON body that takes JSON strings only. poem-openapi's
+/// `String` also takes numbers and booleans (`{"reason": false}` would read
+/// as `"false"`), which the schema (`type: string`) does not allow.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Text(pub String);
+
+impl Text {
+    pub fn into_string(self) -> String {
+        self.0
+    }
+}
+
+impl AsRef<str> for Text {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for Text {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl Type for Text {
+    const IS_REQUIRED: bool = true;
+    type RawValueType = Self;
+    type RawElementValueType = Self;
+
+    fn name() -> std::borrow::Cow<'static, str> {
+        String::name()
+    }
+
+    fn schema_ref() -> MetaSchemaRef {
+        String::schema_ref()
+    }
+
+    fn as_raw_value(&self) -> Option<&Self::RawValueType> {
+        Some(self)
+    }
+
+    fn raw_element_iter<'a>(
+        &'a self,
+    ) -> Box<dyn Iterator<Item = &'a Self::RawElementValueType> + 'a> {
+        Box::new(self.as_raw_value().into_iter())
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl ParseFromJSON for Text {
+    fn parse_from_json(value: Option<Value>) -> ParseResult<Self> {
+        match value.unwrap_or_default() {
+            Value::String(s) => Ok(Self(s)),
+            other => Err(ParseError::expected_type(other)),
+        }
+    }
+}
+
+impl ToJSON for Text {
+    fn to_json(&self) -> Option<Value> {
+        Some(Value::String(self.0.clone()))
     }
 }
 

@@ -4,9 +4,12 @@
 //! clear (docs/INTEGRITY.md § What stays in clear): only auditors and
 //! admins see them.
 //!
-//! Pages follow `id`. Dead letters of concurrent batches may commit out of
-//! `id` order, so a row committed after a reader passed its id is not shown
-//! to that reader (unlike events, whose pages are snapshot-bounded).
+//! Pages run in `(tx, id)` order, `tx` being the id of the transaction that
+//! stored the row, and only cover transactions older than every one still
+//! in flight, like events (`audit_ledger::query`, Decision 40): dead
+//! letters of concurrent batches commit out of `id` order, and a page
+//! following `id` alone would skip a row that commits after a reader passed
+//! its id. Following `next_cursor` never skips or repeats a dead letter.
 
 use std::sync::Arc;
 
@@ -24,7 +27,7 @@ use uuid::Uuid;
 
 use crate::auth::{BearerAuth, Role};
 use crate::disclose::KafkaPosition;
-use crate::filters::{self, id_cursor};
+use crate::filters;
 use crate::problem::ApiError;
 use crate::state::ApiState;
 use crate::ApiTags;
@@ -123,13 +126,17 @@ impl DeadLettersApi {
     ) -> Result<Json<DeadLetterPage>, ApiError> {
         let caller = auth.0;
         caller.require(Role::Reader, "listing dead letters")?;
-        let after = id_cursor::decode(id_cursor::DEAD_LETTERS, cursor.0.as_deref())?;
+        let after = cursor::decode(cursor.0.as_deref())?;
         let mut qb = QueryBuilder::<Postgres>::new(
-            "SELECT id, kafka_topic, kafka_partition, kafka_offset, event_id, reason_code, reason, received_at \
-             FROM dead_letters WHERE true",
+            "SELECT tx::text AS tx, id, kafka_topic, kafka_partition, kafka_offset, event_id, reason_code, reason, \
+             received_at FROM dead_letters WHERE tx < pg_snapshot_xmin(pg_current_snapshot())",
         );
         if let Some(after) = after {
-            qb.push(" AND id > ").push_bind(after);
+            qb.push(" AND (tx, id) > (")
+                .push_bind(after.tx.to_string())
+                .push("::xid8, ")
+                .push_bind(after.id)
+                .push(")");
         }
         if let Some(topic) = topic.0 {
             qb.push(" AND kafka_topic = ").push_bind(topic);
@@ -146,7 +153,7 @@ impl DeadLettersApi {
         if let Some(t) = received_to.0 {
             qb.push(" AND received_at < ").push_bind(t);
         }
-        qb.push(" ORDER BY id LIMIT ")
+        qb.push(" ORDER BY tx, id LIMIT ")
             .push_bind(filters::page_limit(limit.0));
         let context = "listing dead letters";
         let rows = qb
@@ -154,14 +161,23 @@ impl DeadLettersApi {
             .fetch_all(state.pool())
             .await
             .map_err(|e| ApiError::from_sqlx(e, context))?;
-        let items = rows
-            .iter()
-            .map(summary)
-            .collect::<Result<Vec<_>, sqlx::Error>>()
-            .map_err(|e| ApiError::internal(context, &e))?;
-        let next_cursor = items
-            .last()
-            .map(|d| id_cursor::encode(id_cursor::DEAD_LETTERS, d.id));
+        let mut items = Vec::with_capacity(rows.len());
+        let mut last = None;
+        for row in &rows {
+            let tx: String = row
+                .try_get("tx")
+                .map_err(|e| ApiError::internal(context, &e))?;
+            let tx: u64 = tx.parse().map_err(|_| {
+                ApiError::internal(
+                    context,
+                    &format!("dead_letters.tx {tx:?} is not a 64-bit id"),
+                )
+            })?;
+            let item = summary(row).map_err(|e| ApiError::internal(context, &e))?;
+            last = Some(cursor::Position { tx, id: item.id });
+            items.push(item);
+        }
+        let next_cursor = last.map(cursor::encode);
         Ok(Json(DeadLetterPage {
             dead_letters: items,
             next_cursor,
@@ -198,6 +214,86 @@ impl DeadLettersApi {
         detail(&row, show_raw)
             .map(Json)
             .map_err(|e| ApiError::internal(context, &e))
+    }
+}
+
+/// Dead-letter cursors: where a row sits in page order, `(tx, id)`.
+pub mod cursor {
+    use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+    use base64::Engine as _;
+
+    use crate::problem::ApiError;
+
+    /// Kind byte; event cursors and the other id cursors use other bytes.
+    /// (0x10 was the cursor of the `id`-only pager before Decision 42: such a
+    /// cursor is refused, and the client starts over.)
+    pub const KIND: u8 = 0x12;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub struct Position {
+        pub tx: u64,
+        pub id: i64,
+    }
+
+    /// base64url (no padding) of the kind byte, `tx` and `id` (big endian).
+    pub fn encode(position: Position) -> String {
+        let mut bytes = [0u8; 17];
+        bytes[0] = KIND;
+        bytes[1..9].copy_from_slice(&position.tx.to_be_bytes());
+        bytes[9..17].copy_from_slice(&position.id.to_be_bytes());
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    pub fn decode(cursor: Option<&str>) -> Result<Option<Position>, ApiError> {
+        let Some(cursor) = cursor else {
+            return Ok(None);
+        };
+        let refuse = || {
+            ApiError::bad_request(
+                "parameter `cursor`: the cursor is not one this route returned (copy `next_cursor` from a \
+                 previous response unchanged)",
+            )
+        };
+        let mut bytes = [0u8; 17];
+        match URL_SAFE_NO_PAD.decode_slice(cursor.trim().as_bytes(), &mut bytes) {
+            Ok(17) if bytes[0] == KIND => {}
+            _ => return Err(refuse()),
+        }
+        let mut tx = [0u8; 8];
+        let mut id = [0u8; 8];
+        tx.copy_from_slice(&bytes[1..9]);
+        id.copy_from_slice(&bytes[9..17]);
+        let position = Position {
+            tx: u64::from_be_bytes(tx),
+            id: i64::from_be_bytes(id),
+        };
+        // xid8 values are below 2^63 in practice; anything else was forged.
+        if position.tx > i64::MAX as u64 {
+            return Err(refuse());
+        }
+        Ok(Some(position))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn cursors_round_trip_and_refuse_other_kinds() {
+            let p = Position {
+                tx: 9_000_000_001,
+                id: 77,
+            };
+            assert_eq!(decode(Some(&encode(p))).unwrap(), Some(p));
+            assert_eq!(decode(None).unwrap(), None);
+            let old =
+                crate::filters::id_cursor::encode(crate::filters::id_cursor::DEAD_LETTERS, 77);
+            assert!(decode(Some(&old)).is_err());
+            let event = audit_ledger::query::Position { tx: 1, seq: 2 }.to_cursor();
+            assert!(decode(Some(&event)).is_err());
+            let forged = URL_SAFE_NO_PAD.encode([[KIND].as_slice(), &[0xff; 16]].concat());
+            assert!(decode(Some(&forged)).is_err());
+        }
     }
 }
 

@@ -195,6 +195,8 @@ pub mod id_cursor {
 
     use crate::problem::ApiError;
 
+    /// Retired: dead letters page by `(tx, id)` now (`dead_letters::cursor`,
+    /// kind 0x12), and refuse these.
     pub const DEAD_LETTERS: u8 = 0x10;
     pub const ACCESS_LOG: u8 = 0x11;
 

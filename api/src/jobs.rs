@@ -23,6 +23,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::auth::{BearerAuth, Role};
+use crate::body::Text;
 use crate::disclose::store_error;
 use crate::filters::{self, FilterParams};
 use crate::problem::{ApiError, Problem};
@@ -41,12 +42,12 @@ pub enum JobTags {
 pub struct ReplayFilter {
     /// Only events of this stream (aggregate).
     #[oai(validator(min_length = 1))]
-    pub stream_id: Option<String>,
+    pub stream_id: Option<Text>,
     /// Event types: exact (`order.created`) or prefix (`order.*`); any of them.
     #[oai(default)]
-    pub event_type: Vec<String>,
+    pub event_type: Vec<Text>,
     #[oai(validator(min_length = 1))]
-    pub source: Option<String>,
+    pub source: Option<Text>,
     pub correlation_id: Option<Uuid>,
     pub causation_id: Option<Uuid>,
     /// `occurred_at >= occurred_from`.
@@ -71,11 +72,11 @@ pub struct ReplayFilter {
 pub struct NewReplayJob {
     /// Chosen by the client (a UUID works): 1 to 128 of `A-Z a-z 0-9 . _ -`.
     /// Submitting the same id with the same request again returns the job.
-    pub job_id: String,
+    pub job_id: Text,
     /// Which events; none given: every event.
     pub filter: Option<ReplayFilter>,
     /// The Kafka topic to publish to; not one this node ingests.
-    pub target_topic: String,
+    pub target_topic: Text,
     /// Events per second, 1 to 10000 (default 1000).
     pub rate_per_sec: Option<u32>,
 }
@@ -219,6 +220,11 @@ pub enum SubmitResponse {
     /// A job with this id exists with a different request.
     #[oai(status = 409, content_type = "application/problem+json")]
     Conflict(Json<Problem>),
+    /// The body is not sent as `Content-Type: application/json`. (Answered
+    /// before the handler runs; listed here so the document says so.)
+    #[allow(dead_code)]
+    #[oai(status = 415, content_type = "application/problem+json")]
+    UnsupportedMediaType(Json<Problem>),
 }
 
 pub struct JobsApi;
@@ -253,21 +259,21 @@ impl JobsApi {
         let caller = auth.0;
         caller.require(Role::Admin, "creating a replay job")?;
         let body = body.0;
-        if state.consumed_topics().contains(&body.target_topic) {
+        let job_id = body.job_id.into_string();
+        let target_topic = body.target_topic.into_string();
+        if state.consumed_topics().contains(&target_topic) {
             return Err(ApiError::bad_request(format!(
-                "target_topic {:?} is a topic this node ingests: replaying into it would ingest the events again; choose another topic",
-                body.target_topic
+                "target_topic {target_topic:?} is a topic this node ingests: replaying into it would ingest the events again; choose another topic",
             )));
         }
         let request = ReplayRequest {
             filter: job_filter(&state, body.filter.unwrap_or_default())?,
-            target_topic: body.target_topic,
+            target_topic,
             rate_per_sec: body
                 .rate_per_sec
                 .unwrap_or(replay_jobs::DEFAULT_RATE_PER_SEC),
         };
-        let submitted =
-            replay_jobs::submit(state.pool(), &body.job_id, &request, &caller.name).await;
+        let submitted = replay_jobs::submit(state.pool(), &job_id, &request, &caller.name).await;
         let (job, created) = match submitted {
             Ok(outcome) => outcome,
             Err(ReplayError::Conflict { job_id }) => {
@@ -348,9 +354,13 @@ fn job_filter(state: &Arc<ApiState>, filter: ReplayFilter) -> Result<EventFilter
     filters::event_filter(
         state,
         FilterParams {
-            stream_id: filter.stream_id,
-            event_type: filter.event_type,
-            source: filter.source,
+            stream_id: filter.stream_id.map(Text::into_string),
+            event_type: filter
+                .event_type
+                .into_iter()
+                .map(Text::into_string)
+                .collect(),
+            source: filter.source.map(Text::into_string),
             correlation_id: filter.correlation_id,
             causation_id: filter.causation_id,
             occurred_from: filter.occurred_from,

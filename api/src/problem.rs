@@ -244,15 +244,93 @@ fn detail_for(error: &poem::Error, path: &str) -> String {
     }
 }
 
-/// Middleware: every error becomes a problem response.
+/// Middleware: every error becomes a problem response. A 405 carries the
+/// `Allow` header RFC 9110 requires (the methods the path takes).
 pub async fn problem_errors<E: Endpoint>(next: E, req: Request) -> poem::Result<Response> {
     let path = req.uri().path().to_owned();
     match next.call(req).await {
         Ok(response) => Ok(response.into_response()),
         // Our own ApiError responses are problems already.
         Err(error) if error.is_from_response() => Ok(error.into_response()),
-        Err(error) => Ok(problem_response(error.status(), detail_for(&error, &path))),
+        Err(error) => {
+            let status = error.status();
+            let mut response = problem_response(status, detail_for(&error, &path));
+            if status == StatusCode::METHOD_NOT_ALLOWED {
+                if let Some(allow) = allowed_methods(&path) {
+                    if let Ok(value) = HeaderValue::from_str(&allow) {
+                        response.headers_mut().insert(header::ALLOW, value);
+                    }
+                }
+            }
+            Ok(response)
+        }
     }
+}
+
+/// A route's path template split into segments (`None`: a `{parameter}`),
+/// and the methods it takes, upper case.
+type RouteMethods = (Vec<Option<String>>, Vec<String>);
+
+/// Every route's methods, read once from the OpenAPI document, plus the
+/// routes outside it (`/openapi.json`, `/docs`).
+static ROUTES: std::sync::LazyLock<Vec<RouteMethods>> = std::sync::LazyLock::new(|| {
+    let spec: serde_json::Value =
+        serde_json::from_str(&crate::openapi_json()).unwrap_or(serde_json::Value::Null);
+    let mut routes: Vec<RouteMethods> = Vec::new();
+    if let Some(paths) = spec.get("paths").and_then(|p| p.as_object()) {
+        for (template, operations) in paths {
+            let mut methods: Vec<String> = operations
+                .as_object()
+                .map(|ops| ops.keys().map(|m| m.to_ascii_uppercase()).collect())
+                .unwrap_or_default();
+            // poem answers HEAD wherever it answers GET.
+            if methods.iter().any(|m| m == "GET") {
+                methods.push("HEAD".to_owned());
+            }
+            methods.sort();
+            routes.push((segments_of_template(template), methods));
+        }
+    }
+    for open in ["/openapi.json", "/docs"] {
+        routes.push((
+            segments_of_template(open),
+            vec!["GET".to_owned(), "HEAD".to_owned()],
+        ));
+    }
+    routes
+});
+
+fn segments_of_template(template: &str) -> Vec<Option<String>> {
+    template
+        .trim_matches('/')
+        .split('/')
+        .map(|s| {
+            if s.starts_with('{') && s.ends_with('}') {
+                None
+            } else {
+                Some(s.to_owned())
+            }
+        })
+        .collect()
+}
+
+/// The `Allow` value for `path`: the methods of the routes it matches.
+pub fn allowed_methods(path: &str) -> Option<String> {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let mut methods: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(template, _)| {
+            template.len() == segments.len()
+                && template
+                    .iter()
+                    .zip(&segments)
+                    .all(|(t, s)| t.as_deref().is_none_or(|t| t == *s))
+        })
+        .flat_map(|(_, methods)| methods.iter().map(String::as_str))
+        .collect();
+    methods.sort_unstable();
+    methods.dedup();
+    (!methods.is_empty()).then(|| methods.join(", "))
 }
 
 #[cfg(test)]
@@ -265,6 +343,24 @@ mod tests {
         assert_eq!(p.title, "Too Many Requests");
         assert_eq!(p.status, 429);
         assert_eq!(p.problem_type, "about:blank");
+    }
+
+    #[test]
+    fn allow_lists_the_methods_of_the_matching_route() {
+        assert_eq!(
+            allowed_methods("/v1/subjects/customer-1").as_deref(),
+            Some("DELETE")
+        );
+        assert_eq!(allowed_methods("/v1/replays").as_deref(), Some("POST"));
+        assert_eq!(
+            allowed_methods("/v1/events/abc").as_deref(),
+            Some("GET, HEAD")
+        );
+        assert_eq!(
+            allowed_methods("/openapi.json").as_deref(),
+            Some("GET, HEAD")
+        );
+        assert_eq!(allowed_methods("/nowhere/at/all"), None);
     }
 
     #[test]

@@ -11,7 +11,7 @@ use poem_openapi::{Object, OpenApi};
 use uuid::Uuid;
 
 use crate::auth::{BearerAuth, Role};
-use crate::body::OptionalJson;
+use crate::body::{OptionalJson, Text};
 use crate::disclose::store_error;
 use crate::problem::ApiError;
 use crate::state::ApiState;
@@ -25,7 +25,7 @@ const MAX_REASON_CHARS: usize = 1000;
 pub struct EraseRequest {
     /// For example the erasure request's ticket; stored in the erasure event.
     #[oai(validator(min_length = 1, max_length = 1000))]
-    pub reason: String,
+    pub reason: Text,
 }
 
 /// The erasure of a data subject.
@@ -73,7 +73,7 @@ impl SubjectsApi {
         let subject_id = subject_id.0;
         let reason = body
             .0
-            .map(|b| b.reason)
+            .map(|b| b.reason.into_string())
             .or(reason.0)
             .map(|r| r.trim().to_owned())
             .filter(|r| !r.is_empty())

@@ -11,10 +11,15 @@
 //! check_exactly_once(log, store state) ◄─────────────────────┘
 //! ```
 //!
+//! [`cluster`] is the fuller simulation: broker, store and node hosts over
+//! turmoil TCP, the whole supervision tree, faults between any two hosts
+//! and five invariants (docs/CHAOS.md).
+//!
 //! A failing run prints its seed; `CHAOS_SEED=<seed> cargo test -p
-//! audit-chaos` replays the same log and fault schedule.
+//! chaos` replays the same log and fault schedule.
 
 pub mod check;
+pub mod cluster;
 pub mod log;
 pub mod scenario;
 pub mod source;
@@ -44,5 +49,7 @@ pub fn seed_from_env(default: u64) -> u64 {
 
 /// The command that replays a run of `test` with `seed`.
 pub fn replay_command(seed: u64, test: &str) -> String {
-    format!("{SEED_VAR}={seed} cargo test -p audit-chaos --test exactly_once -- {test} --exact --nocapture")
+    format!(
+        "{SEED_VAR}={seed} cargo test -p chaos --test exactly_once -- {test} --exact --nocapture"
+    )
 }

@@ -2,10 +2,9 @@
 //! "node" runs a producer, the real consumer actor(s) and a fault schedule,
 //! until every record is stored or the deadline passes.
 //!
-//! What the seed fixes: the log, the producer's pace and every fault's time
-//! and size. What it does not: partition actors parse batches on tokio's
-//! blocking pool (real threads), so the interleaving of actors around a
-//! parse can differ between two runs of one seed.
+//! The seed fixes the log, the producer's pace and every fault's time and
+//! size; partition actors parse on their own task (`parse_inline`), so no
+//! real thread takes part and the seed fixes the interleaving too.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -400,6 +399,7 @@ fn config(node_id: &str) -> PipelineConfig {
         },
         node_id: node_id.to_string(),
         group_id: GROUP.to_string(),
+        parse_inline: true,
         ..PipelineConfig::default()
     }
 }

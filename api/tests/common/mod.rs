@@ -235,15 +235,16 @@ impl Fixture {
     }
 }
 
-/// Waits until every stored event is below the read horizon: pages show an
-/// event once every transaction older than its own has finished, and other
-/// tests on the same server run transactions too.
+/// Waits until every stored event and dead letter is below the read
+/// horizon: pages show a row once every transaction older than its own has
+/// finished, and other tests on the same server run transactions too.
 pub async fn settle(pool: &PgPool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let visible: bool = sqlx::query_scalar(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot()) > \
-             coalesce((SELECT tx FROM events ORDER BY tx DESC LIMIT 1), '0'::xid8)",
+            "SELECT pg_snapshot_xmin(pg_current_snapshot()) > greatest( \
+             coalesce((SELECT tx FROM events ORDER BY tx DESC LIMIT 1), '0'::xid8), \
+             coalesce((SELECT tx FROM dead_letters ORDER BY tx DESC LIMIT 1), '0'::xid8))",
         )
         .fetch_one(pool)
         .await
@@ -253,7 +254,7 @@ pub async fn settle(pool: &PgPool) {
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "stored events did not become readable within 30 s (a long transaction on the server?)"
+            "stored rows did not become readable within 30 s (a long transaction on the server?)"
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }

@@ -39,6 +39,13 @@ impl MemoryStore {
         f(&state)
     }
 
+    /// Changes the state under the lock: for simulations that model a store
+    /// bug or a partial write the trait cannot express.
+    pub fn update<R>(&self, f: impl FnOnce(&mut MemoryState) -> R) -> R {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut state)
+    }
+
     /// Makes the next `n` writes fail as if the database were down.
     pub fn fail_next_writes(&self, n: u32) {
         self.state
