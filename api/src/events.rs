@@ -13,10 +13,11 @@ use poem_openapi::{Object, OpenApi};
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::auth::{BearerAuth, Role};
+use crate::auth::{BearerAuth, Caller, Role};
 use crate::disclose::{disclose, Disclosure, EventView};
 use crate::filters::{self, FilterParams};
 use crate::problem::ApiError;
+use crate::render::{self, JsonBody};
 use crate::state::ApiState;
 use crate::ApiTags;
 
@@ -117,7 +118,7 @@ impl EventsApi {
         /// Why personal data is read (required with `decrypt=true`; recorded).
         #[oai(validator(min_length = 1))]
         purpose: Query<Option<String>>,
-    ) -> Result<Json<EventPage>, ApiError> {
+    ) -> Result<JsonBody<EventPage>, ApiError> {
         let caller = auth.0;
         caller.require(Role::Reader, "reading events")?;
         // Declared for the document; read from the raw query like every blind index.
@@ -141,9 +142,13 @@ impl EventsApi {
             LIST_PARAMS,
         )?;
         let after = filters::event_cursor(cursor.0.as_deref())?;
-        let page = read_page(&state, &filter, after, filters::page_limit(limit.0)).await?;
-        let page = disclose(&state, &caller, "GET /v1/events", &disclosure, page).await?;
-        Ok(Json(to_page(page)))
+        let page = PageQuery {
+            filter: &filter,
+            after,
+            limit: filters::page_limit(limit.0),
+            until_tx: None,
+        };
+        show_page(&state, &caller, "GET /v1/events", &disclosure, page).await
     }
 
     /// One event by id.
@@ -163,14 +168,25 @@ impl EventsApi {
         /// Why personal data is read (required with `decrypt=true`; recorded).
         #[oai(validator(min_length = 1))]
         purpose: Query<Option<String>>,
-    ) -> Result<Json<EventView>, ApiError> {
+    ) -> Result<JsonBody<EventView>, ApiError> {
         let caller = auth.0;
         caller.require(Role::Reader, "reading events")?;
         let disclosure = Disclosure::from_params(&caller, decrypt.0, purpose.0)?;
+        let context = "reading an event";
+        let not_found = || ApiError::not_found(format!("no event {} in the store", event_id.0));
+        if disclosure == Disclosure::Redacted {
+            let row = query::event_by_id_query(render::EVENT_COLUMNS, event_id.0)
+                .build()
+                .fetch_optional(state.pool())
+                .await
+                .map_err(|e| ApiError::from_query(e.into(), context))?
+                .ok_or_else(not_found)?;
+            return render::event(&row).map_err(|e| ApiError::from_query(e, context));
+        }
         let record = query::event_by_id(state.pool(), event_id.0)
             .await
-            .map_err(|e| ApiError::from_query(e, "reading an event"))?
-            .ok_or_else(|| ApiError::not_found(format!("no event {} in the store", event_id.0)))?;
+            .map_err(|e| ApiError::from_query(e, context))?
+            .ok_or_else(not_found)?;
         let mut shown = disclose(
             &state,
             &caller,
@@ -180,12 +196,9 @@ impl EventsApi {
         )
         .await?;
         let Some(record) = shown.pop() else {
-            return Err(ApiError::internal(
-                "reading an event",
-                &"disclosure lost the event",
-            ));
+            return Err(ApiError::internal(context, &"disclosure lost the event"));
         };
-        Ok(Json(EventView::from_record(record)))
+        JsonBody::from_typed(&EventView::from_record(record))
     }
 
     /// A stream's events in order (the order of its Kafka partition).
@@ -215,7 +228,7 @@ impl EventsApi {
         /// Why personal data is read (required with `decrypt=true`; recorded).
         #[oai(validator(min_length = 1))]
         purpose: Query<Option<String>>,
-    ) -> Result<Json<EventPage>, ApiError> {
+    ) -> Result<JsonBody<EventPage>, ApiError> {
         let caller = auth.0;
         caller.require(Role::Reader, "reading a stream")?;
         let disclosure = Disclosure::from_params(&caller, decrypt.0, purpose.0)?;
@@ -225,16 +238,20 @@ impl EventsApi {
             ..EventFilter::default()
         };
         let after = filters::event_cursor(cursor.0.as_deref())?;
-        let page = read_page(&state, &filter, after, filters::page_limit(limit.0)).await?;
-        let page = disclose(
+        let page = PageQuery {
+            filter: &filter,
+            after,
+            limit: filters::page_limit(limit.0),
+            until_tx: None,
+        };
+        show_page(
             &state,
             &caller,
             "GET /v1/streams/{stream_id}/events",
             &disclosure,
             page,
         )
-        .await?;
-        Ok(Json(to_page(page)))
+        .await
     }
 
     /// A stream's state at time `at`: its events up to then, folded in order.
@@ -321,27 +338,36 @@ impl EventsApi {
     }
 }
 
-/// One page of a filtered read, with the API's error mapping.
-pub async fn read_page(
+/// A page as `disclosure` says. Redacted pages, what nearly every read is,
+/// are rendered straight from the rows ([`render`]); a decrypting read
+/// decodes the events, decrypts them and records the read ([`disclose`]).
+async fn show_page(
     state: &Arc<ApiState>,
-    filter: &EventFilter,
-    after: Option<query::Position>,
-    limit: i64,
-) -> Result<Vec<query::EventRecord>, ApiError> {
-    query::page(
-        state.pool(),
-        PageQuery {
-            filter,
-            after,
-            limit,
-            until_tx: None,
-        },
-    )
-    .await
-    .map_err(|e| ApiError::from_query(e, "reading events"))
+    caller: &Caller,
+    route: &str,
+    disclosure: &Disclosure,
+    page: PageQuery<'_>,
+) -> Result<JsonBody<EventPage>, ApiError> {
+    let context = "reading events";
+    if *disclosure == Disclosure::Redacted {
+        let rows = query::page_query(render::EVENT_COLUMNS, page)
+            .build()
+            .fetch_all(state.pool())
+            .await
+            .map_err(|e| ApiError::from_query(e.into(), context))?;
+        return render::event_page_off_worker(rows)
+            .await
+            .map_err(|e| ApiError::from_query(e, context));
+    }
+    let records = query::page(state.pool(), page)
+        .await
+        .map_err(|e| ApiError::from_query(e, context))?;
+    let records = disclose(state, caller, route, disclosure, records).await?;
+    JsonBody::from_typed(&to_page(records))
 }
 
-fn to_page(records: Vec<query::EventRecord>) -> EventPage {
+/// The `EventPage` of records already redacted or revealed.
+pub fn to_page(records: Vec<query::EventRecord>) -> EventPage {
     let next_cursor = records.last().map(|r| r.position.to_cursor());
     EventPage {
         events: records.into_iter().map(EventView::from_record).collect(),

@@ -11,7 +11,8 @@
 //! - [`problem`]: errors as `application/problem+json` ([`problem::ApiError`]);
 //! - [`filters`]: query parameters to an `audit_ledger::query::EventFilter`,
 //!   cursors, page limits;
-//! - [`disclose`]: redaction, or decryption with an audited read.
+//! - [`disclose`]: redaction, or decryption with an audited read;
+//! - [`render`]: redacted events from rows straight to JSON text.
 
 pub mod access_log;
 pub mod auth;
@@ -24,6 +25,7 @@ pub mod fold;
 pub mod jobs;
 pub mod problem;
 pub mod proofs;
+pub mod render;
 pub mod replay;
 pub mod state;
 pub mod subjects;

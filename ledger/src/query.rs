@@ -424,32 +424,16 @@ pub async fn page<'c>(
     executor: impl PgExecutor<'c>,
     query: PageQuery<'_>,
 ) -> Result<Vec<EventRecord>, QueryError> {
-    let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
-    qb.push(EVENT_COLUMNS);
-    qb.push(" FROM events e WHERE e.tx < pg_snapshot_xmin(pg_current_snapshot())");
-    if let Some(until) = query.until_tx {
-        qb.push(" AND e.tx < ")
-            .push_bind(until.to_string())
-            .push("::xid8");
-    }
-    if let Some(after) = query.after {
-        qb.push(" AND (e.tx, e.seq) > (")
-            .push_bind(after.tx.to_string())
-            .push("::xid8, ")
-            .push_bind(after.seq)
-            .push(")");
-    }
-    query.filter.push_conditions(&mut qb);
-    qb.push(" ORDER BY e.tx, e.seq LIMIT ")
-        .push_bind(query.limit.max(0));
-    let rows = qb.build().fetch_all(executor).await?;
+    let rows = page_query(EVENT_COLUMNS, query)
+        .build()
+        .fetch_all(executor)
+        .await?;
     rows.iter().map(EventRecord::from_row).collect()
 }
 
-/// The statement of [`page`] selecting `columns` instead of
-/// [`EVENT_COLUMNS`] (same conditions, order and limit), for readers that
-/// decode rows themselves: the streaming replay writes rows straight to
-/// bytes. `columns` is trusted SQL text, never user input.
+/// The statement of [`page`] selecting `columns` (same conditions, order
+/// and limit), for readers that decode rows themselves: the API writes
+/// rows straight to bytes. `columns` is trusted SQL text, never user input.
 pub fn page_query<'a>(columns: &str, query: PageQuery<'a>) -> QueryBuilder<'a, Postgres> {
     let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
     qb.push(columns);
@@ -488,15 +472,24 @@ pub async fn event_by_id<'c>(
     executor: impl PgExecutor<'c>,
     event_id: Uuid,
 ) -> Result<Option<EventRecord>, QueryError> {
+    let row = event_by_id_query(EVENT_COLUMNS, event_id)
+        .build()
+        .fetch_optional(executor)
+        .await?;
+    row.as_ref().map(EventRecord::from_row).transpose()
+}
+
+/// The statement of [`event_by_id`] selecting `columns` (trusted SQL text,
+/// never user input).
+pub fn event_by_id_query<'a>(columns: &str, event_id: Uuid) -> QueryBuilder<'a, Postgres> {
     let mut qb = QueryBuilder::<Postgres>::new("SELECT ");
-    qb.push(EVENT_COLUMNS);
+    qb.push(columns);
     qb.push(" FROM events e WHERE e.event_id = ")
         .push_bind(event_id)
         .push(" AND e.occurred_at = (SELECT i.occurred_at FROM event_ids i WHERE i.event_id = ")
         .push_bind(event_id)
         .push(")");
-    let row = qb.build().fetch_optional(executor).await?;
-    row.as_ref().map(EventRecord::from_row).transpose()
+    qb
 }
 
 /// A stream's events that occurred at or before `at`, in `(tx, seq)` order
