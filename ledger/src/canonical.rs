@@ -1179,8 +1179,9 @@ fn write_int(negative: bool, magnitude: u64, out: &mut Vec<u8>) {
 }
 
 /// One stored event as the hash chain sees it (encoding v1).
-/// `headers`, `metadata` and `payload` must already be canonical JSON text
-/// ([`canonical_text`]); they are embedded verbatim.
+/// For [`ChainRecord::encode`], `headers`, `metadata` and `payload` must
+/// already be canonical JSON text ([`canonical_text`]); they are embedded
+/// verbatim. [`ChainRecord::encode_canonicalizing`] takes any JSON text.
 #[derive(Debug, Clone, Copy)]
 pub struct ChainRecord<'a> {
     pub chain_id: &'a str,
@@ -1205,11 +1206,63 @@ pub struct ChainRecord<'a> {
     pub content_hash: &'a [u8; 32],
 }
 
+/// The JSON columns of a [`ChainRecord`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JsonField {
+    Headers,
+    Metadata,
+    Payload,
+}
+
+impl JsonField {
+    pub fn name(self) -> &'static str {
+        match self {
+            JsonField::Headers => "headers",
+            JsonField::Metadata => "metadata",
+            JsonField::Payload => "payload",
+        }
+    }
+}
+
 impl ChainRecord<'_> {
     /// Appends the record's canonical JSON object: keys in bytewise order,
     /// absent values as `null`. Written straight into `out`: this runs for
     /// every ingested event.
     pub fn encode(&self, out: &mut Vec<u8>) {
+        let verbatim = |_: JsonField, json: &str, out: &mut Vec<u8>| {
+            out.extend_from_slice(json.as_bytes());
+            Ok::<(), std::convert::Infallible>(())
+        };
+        match self.encode_with(out, verbatim) {
+            Ok(()) => {}
+            Err(never) => match never {},
+        }
+    }
+
+    /// Appends the same bytes as [`ChainRecord::encode`] would for the
+    /// canonical forms of `headers`, `metadata` and `payload`, which here
+    /// may be any JSON text (as PostgreSQL prints `jsonb`): each is
+    /// canonicalised straight into `out`, with no intermediate string.
+    /// On error `out` holds a partial record.
+    pub fn encode_canonicalizing(
+        &self,
+        canonicalizer: &mut Canonicalizer,
+        out: &mut Vec<u8>,
+    ) -> Result<(), (JsonField, CanonicalError)> {
+        self.encode_with(out, |field, json, out| {
+            canonicalizer
+                .canonicalize(json, out)
+                .map_err(|e| (field, e))
+        })
+    }
+
+    /// The encoding, with `json` writing each JSON column.
+    #[inline]
+    fn encode_with<E>(
+        &self,
+        out: &mut Vec<u8>,
+        mut json: impl FnMut(JsonField, &str, &mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
         out.extend_from_slice(b"{\"blind_index\":[");
         for (i, entry) in self.blind_index.iter().enumerate() {
             if i > 0 {
@@ -1235,7 +1288,7 @@ impl ChainRecord<'_> {
         out.extend_from_slice(b",\"format\":");
         write_int(false, u64::from(FORMAT_VERSION), out);
         out.extend_from_slice(b",\"headers\":");
-        out.extend_from_slice(self.headers.as_bytes());
+        json(JsonField::Headers, self.headers, out)?;
         out.extend_from_slice(b",\"ingested_at\":");
         write_timestamp(self.ingested_at, out);
         out.extend_from_slice(b",\"kafka_offset\":");
@@ -1246,13 +1299,13 @@ impl ChainRecord<'_> {
         write_opt_str(self.kafka_topic, out);
         out.extend_from_slice(b",\"metadata\":");
         match self.metadata {
-            Some(json) => out.extend_from_slice(json.as_bytes()),
+            Some(metadata) => json(JsonField::Metadata, metadata, out)?,
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"occurred_at\":");
         write_timestamp(self.occurred_at, out);
         out.extend_from_slice(b",\"payload\":");
-        out.extend_from_slice(self.payload.as_bytes());
+        json(JsonField::Payload, self.payload, out)?;
         out.extend_from_slice(b",\"position\":");
         write_int(false, self.position, out);
         out.extend_from_slice(b",\"source\":");
@@ -1264,6 +1317,7 @@ impl ChainRecord<'_> {
         out.extend_from_slice(b",\"subject_id\":");
         write_opt_str(self.subject_id, out);
         out.push(b'}');
+        Ok(())
     }
 }
 
@@ -1743,6 +1797,39 @@ mod tests {
             "9c6b64183697032098a3acb12d59679e9fefc229fa1a8c6228434d733cc56e6e",
             "the v1 encoding changed: stored chains would no longer verify"
         );
+    }
+
+    #[test]
+    fn encoding_while_canonicalizing_gives_the_same_bytes() {
+        let headers = r#"[{"value": "abc", "key": "trace"}]"#;
+        let payload = r#"{"total": 12.50, "currency": "EUR", "note": "Grüße \"VIP\"", "items": [{"sku": "A-1", "qty": 2}], "total": 1E+3}"#;
+        let metadata = r#"{"b": [1.0, -0, 2e-3], "a": {"y": null, "x": "\u00e9"}}"#;
+        let blind_index = vec!["e3b0c442".to_string()];
+        let content_hash: [u8; 32] = std::array::from_fn(|i| 255 - i as u8);
+        let (canon_headers, canon_payload, canon_metadata) =
+            (canon(headers), canon(payload), canon(metadata));
+        let mut scratch = Canonicalizer::new();
+        for with_metadata in [false, true] {
+            let mut expected =
+                golden_record(&canon_headers, &canon_payload, &blind_index, &content_hash);
+            let mut raw = golden_record(headers, payload, &blind_index, &content_hash);
+            if with_metadata {
+                expected.metadata = Some(&canon_metadata);
+                raw.metadata = Some(metadata);
+            }
+            let mut want = Vec::new();
+            expected.encode(&mut want);
+            // Appends, like `encode`.
+            let mut got = b"prefix".to_vec();
+            raw.encode_canonicalizing(&mut scratch, &mut got).unwrap();
+            assert_eq!(&got[6..], &want[..]);
+        }
+        let bad = golden_record(headers, "{\"a\":", &blind_index, &content_hash);
+        let mut out = Vec::new();
+        let (field, _) = bad
+            .encode_canonicalizing(&mut scratch, &mut out)
+            .unwrap_err();
+        assert_eq!(field, JsonField::Payload);
     }
 
     #[test]

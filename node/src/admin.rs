@@ -400,11 +400,12 @@ pub async fn verify_command(args: VerifyArgs) -> anyhow::Result<bool> {
     }
     if report.ok() {
         println!(
-            "verify: OK: {} events in {} chains, {} checkpoints verified ({} published outside the database) in {elapsed:.2}s",
+            "verify: OK: {} events in {} chains, {} checkpoints verified ({} published outside the database) in {elapsed:.2}s ({:.0}k events/s)",
             report.events,
             report.chains.len(),
             report.checkpoints_verified,
-            n_external
+            n_external,
+            report.events as f64 / elapsed.max(1e-9) / 1e3
         );
         Ok(true)
     } else {

@@ -763,6 +763,14 @@ async fn verify_names_the_chain_and_position_of_each_tampering() {
     })
     .await;
     assert_fails_at(&out, &a, swapped, "stored hash differs");
+    // ... and by store order: `seq` is not hashed, but must increase along
+    // the chain.
+    let out = on_copy(&h.db, &published_only, |pool| {
+        let chain = a.clone();
+        async move { swap_seq(&pool, &chain, swapped).await }
+    })
+    .await;
+    assert_fails_at(&out, &a, swapped + 1, "seq values swapped");
 
     h.finish().await;
 }
@@ -1148,6 +1156,35 @@ async fn tamper(
     let done = query.execute(&mut *tx).await.map_err(|e| e.to_string())?;
     if done.rows_affected() == 0 {
         return Err(format!("`{statement}` changed nothing"));
+    }
+    tx.commit().await.map_err(|e| e.to_string())
+}
+
+/// Swaps the `seq` values of `chain`'s rows at `position` and the next, in
+/// two steps: the primary key is checked row by row.
+async fn swap_seq(pool: &PgPool, chain: &str, position: i64) -> Result<(), String> {
+    const NEGATE: &str =
+        "UPDATE events SET seq = -seq WHERE chain_id = $1 AND chain_position IN ($2, $3)";
+    const SWAP: &str = "UPDATE events e SET seq = -o.seq FROM events o
+         WHERE e.chain_id = $1 AND o.chain_id = $1
+           AND e.chain_position IN ($2, $3) AND o.chain_position IN ($2, $3)
+           AND e.chain_position <> o.chain_position AND e.seq < 0 AND o.seq < 0";
+    let mut tx = pool.begin().await.map_err(|e| e.to_string())?;
+    bypass_triggers(&mut tx).await?;
+    for statement in [NEGATE, SWAP] {
+        let done = sqlx::query(statement)
+            .bind(chain)
+            .bind(position)
+            .bind(position + 1)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| e.to_string())?;
+        if done.rows_affected() != 2 {
+            return Err(format!(
+                "`{statement}` changed {} rows",
+                done.rows_affected()
+            ));
+        }
     }
     tx.commit().await.map_err(|e| e.to_string())
 }
