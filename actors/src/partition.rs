@@ -304,6 +304,25 @@ impl PartitionState {
                 }
             }
         }
+        // A record missing inside the batch: another reader of this
+        // partition's queue took it (an old actor of this partition still
+        // stopping after a revoke and a quick re-assignment), or the log has
+        // a gap there. Write only the records before it and seek to it: the
+        // check above then handles what comes next, like any gap.
+        if let Some(i) = records
+            .windows(2)
+            .position(|w| w[1].offset != w[0].offset + 1)
+        {
+            let hole = records[i].offset + 1;
+            records.truncate(i + 1);
+            telemetry::partition_seek(
+                &self.key.topic,
+                self.key.partition,
+                Some(hole),
+                "gap inside a batch",
+            );
+            self.source.seek(Some(hole)).await?;
+        }
         Ok((!records.is_empty()).then_some(records))
     }
 
