@@ -106,8 +106,16 @@ pub struct ConsumerState {
     permits: Arc<Semaphore>,
     slots: HashMap<TopicPartition, Slot>,
     by_actor: HashMap<ActorId, TopicPartition>,
+    /// Revoked partitions' actors, asked to stop: a re-assignment waits for
+    /// them, so that two actors never read one partition's queue at once.
+    stopping: HashMap<TopicPartition, ActorRef<PartitionMsg>>,
     handle: Option<Box<dyn ConnectorHandle>>,
 }
+
+/// How long a re-assignment waits for the partition's previous actor to
+/// stop (it finishes its step first). Past it the new actor starts anyway:
+/// offset fencing and the partition's gap checks keep the store exact.
+const PREDECESSOR_STOP_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 impl Actor for ConsumerActor {
     type Msg = ConsumerMsg;
@@ -126,6 +134,7 @@ impl Actor for ConsumerActor {
             config: args.config,
             slots: HashMap::new(),
             by_actor: HashMap::new(),
+            stopping: HashMap::new(),
             handle: Some(handle),
         })
     }
@@ -139,13 +148,32 @@ impl Actor for ConsumerActor {
         match msg {
             ConsumerMsg::Assigned(assignments) => {
                 telemetry::rebalance("assign", assignments.len());
-                for a in assignments {
+                // A re-assignment replaces any older incarnation; wait until
+                // those are gone (all at once, bounded) before starting the
+                // new ones.
+                let mut predecessors = Vec::new();
+                for a in &assignments {
                     let tp = (a.topic.clone(), a.partition);
-                    // A re-assignment replaces any older incarnation.
                     if let Some(old) = state.slots.remove(&tp).and_then(|s| s.actor) {
                         state.by_actor.remove(&old.get_id());
                         old.stop(Some("reassigned".into()));
+                        predecessors.push(old);
                     }
+                    predecessors.extend(state.stopping.remove(&tp));
+                }
+                let waits = predecessors
+                    .iter()
+                    .map(|old| old.wait(Some(PREDECESSOR_STOP_WAIT)));
+                let still_running = futures::future::join_all(waits)
+                    .await
+                    .into_iter()
+                    .filter(Result::is_err)
+                    .count();
+                if still_running > 0 {
+                    telemetry::predecessors_still_running(still_running, PREDECESSOR_STOP_WAIT);
+                }
+                for a in assignments {
+                    let tp = (a.topic.clone(), a.partition);
                     state.slots.insert(
                         tp.clone(),
                         Slot {
@@ -166,6 +194,7 @@ impl Actor for ConsumerActor {
                         // Stop, not kill: a batch in flight finishes. If the new
                         // owner starts meanwhile, the offset fencing keeps it exact.
                         actor.stop(Some("revoked".into()));
+                        state.stopping.insert(tp, actor);
                     }
                 }
                 telemetry::partitions_assigned(state.slots.len());
@@ -196,6 +225,14 @@ impl Actor for ConsumerActor {
         event: SupervisionEvent,
         state: &mut ConsumerState,
     ) -> Result<(), ActorProcessingErr> {
+        if let SupervisionEvent::ActorFailed(cell, _)
+        | SupervisionEvent::ActorTerminated(cell, _, _) = &event
+        {
+            // A revoked actor is gone: nothing to wait for any more.
+            state
+                .stopping
+                .retain(|_, old| old.get_id() != cell.get_id());
+        }
         match event {
             SupervisionEvent::ActorFailed(cell, error) => {
                 let Some(tp) = state.by_actor.remove(&cell.get_id()) else {

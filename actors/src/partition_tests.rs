@@ -239,6 +239,11 @@ struct SourceState {
     /// A record another reader of the queue takes: left out of the first
     /// batch that holds it.
     stolen: Option<i64>,
+    /// Actors inside `next_batch` now, and the most at once.
+    readers: u32,
+    max_readers: u32,
+    /// While set, `next_batch` blocks (a broker that does not answer).
+    hold: bool,
     seeks: Vec<Option<i64>>,
     pauses: u32,
     resumes: u32,
@@ -286,6 +291,25 @@ impl RecordSource for MemSource {
         max_wait: Duration,
         _linger: Duration,
     ) -> Result<Vec<RawRecord>, SourceError> {
+        struct Reading<'a>(&'a MemSource);
+        impl Drop for Reading<'_> {
+            fn drop(&mut self) {
+                self.0.state().readers -= 1;
+            }
+        }
+        let _reading = {
+            let mut s = self.state();
+            s.readers += 1;
+            s.max_readers = s.max_readers.max(s.readers);
+            Reading(self)
+        };
+        loop {
+            let changed = self.changed.notified();
+            if !self.state().hold {
+                break;
+            }
+            changed.await;
+        }
         {
             let mut s = self.state();
             s.calls += 1;
@@ -991,6 +1015,56 @@ async fn consumer_restarts_a_failed_partition_with_a_new_generation() {
         (1, 1),
         "a stopped consumer leaves the group"
     );
+}
+
+/// A partition revoked and at once assigned again on the same node (a
+/// fenced member rejoining): the new actor starts only once the old one
+/// has stopped, so two actors never read the partition's queue at once.
+#[tokio::test(start_paused = true)]
+async fn a_reassigned_partition_waits_for_its_previous_actor() {
+    let log = make_log(0, 40);
+    let source = MemSource::new(0, log[..20].to_vec());
+    let memory = Arc::new(MemoryStore::new());
+    let connector = TestConnector::new(vec![source.clone()]);
+    let (consumer, _, _events) = spawn_consumer(connector, memory.clone()).await;
+    wait_until("the first records", Duration::from_secs(10), || {
+        stored(&memory, 0) == Some(20)
+    })
+    .await;
+    // The actor's next read blocks: the revoke finds it mid-step.
+    source.state().hold = true;
+    wait_until(
+        "the actor blocked in a read",
+        Duration::from_secs(10),
+        || source.state().readers == 1,
+    )
+    .await;
+    consumer
+        .cast(ConsumerMsg::Revoked(vec![(TOPIC.to_string(), 0)]))
+        .expect("revoke");
+    consumer
+        .cast(ConsumerMsg::Assigned(vec![Assignment {
+            topic: TOPIC.to_string(),
+            partition: 0,
+            source: source.clone(),
+        }]))
+        .expect("assign");
+    // The read stays blocked for 1 s (virtual time): a slow broker, shorter
+    // than the consumer's wait for the old actor.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    source.state().hold = false;
+    source.append(&log[20..]);
+    wait_until("the whole log", Duration::from_secs(10), || {
+        stored(&memory, 0) == Some(40)
+    })
+    .await;
+    consumer
+        .stop_and_wait(None, None)
+        .await
+        .expect("consumer stops");
+
+    assert_exactly_once(&memory, 0, &log);
+    assert_eq!(source.state().max_readers, 1, "two actors read at once");
 }
 
 #[tokio::test(start_paused = true)]

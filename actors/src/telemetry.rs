@@ -66,6 +66,14 @@ pub fn partition_fenced(topic: &str, partition: i32, expected: Option<i64>, stor
     );
 }
 
+pub fn predecessors_still_running(count: usize, waited: std::time::Duration) {
+    warn!(
+        count,
+        waited_ms = waited.as_millis() as u64,
+        "re-assigned partitions' previous actors had not stopped; starting the new ones anyway"
+    );
+}
+
 pub fn partition_seek(topic: &str, partition: i32, offset: Option<i64>, reason: &str) {
     counter!("audit_partition_seeks_total", "topic" => topic.to_string()).increment(1);
     info!(topic, partition, offset = ?offset, reason, "seeking partition");
