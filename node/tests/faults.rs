@@ -153,20 +153,7 @@ impl World {
         if rate > 0 {
             args.extend(["--rate".into(), rate.to_string()]);
         }
-        tokio::spawn(async move {
-            let output = tokio::process::Command::new(BIN)
-                .args(&args)
-                .env("AUDIT_LOG", "warn")
-                .output()
-                .await
-                .expect("run produce");
-            assert!(
-                output.status.success(),
-                "produce failed: {}",
-                String::from_utf8_lossy(&output.stderr)
-            );
-            parse_produced(&String::from_utf8_lossy(&output.stdout))
-        })
+        tokio::spawn(run_produce(args))
     }
 
     async fn stored(&self) -> Stored {
@@ -386,21 +373,6 @@ impl World {
         if std::env::var_os("AUDIT_TEST_KEEP_LOGS").is_none() {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
-    }
-}
-
-fn parse_produced(stdout: &str) -> Produced {
-    let last = stdout.lines().last().expect("a summary line");
-    let v: serde_json::Value = serde_json::from_str(last).expect("summary is JSON");
-    let get = |k: &str| {
-        v[k].as_u64()
-            .unwrap_or_else(|| panic!("summary lacks {k}: {last}"))
-    };
-    Produced {
-        produced: get("produced"),
-        valid: get("valid"),
-        invalid: get("invalid"),
-        duplicates: get("duplicates"),
     }
 }
 

@@ -190,7 +190,14 @@ pub async fn produce(
     duplicate: f64,
     seed: u64,
 ) -> Produced {
-    let args = produce_args(bootstrap, topic, count, invalid, duplicate, seed);
+    run_produce(produce_args(
+        bootstrap, topic, count, invalid, duplicate, seed,
+    ))
+    .await
+}
+
+/// Runs `audit-node produce` with `args` and returns its summary line.
+pub async fn run_produce(args: Vec<String>) -> Produced {
     let output = tokio::process::Command::new(BIN)
         .args(&args)
         .env("AUDIT_LOG", "warn")
