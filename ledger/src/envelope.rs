@@ -217,6 +217,12 @@ impl DeadLetter {
 // it would only add an allocation per rejected record.
 #[allow(clippy::result_large_err)]
 pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLetter> {
+    parse_with(record, options, true)
+}
+
+/// [`parse`], with or without the fast path for valid native envelopes.
+#[allow(clippy::result_large_err)]
+fn parse_with(record: &RawRecord, options: &ParseOptions, fast: bool) -> Result<Event, DeadLetter> {
     let dead = |reason| DeadLetter::from_record(record, None, reason);
     let is_binary_cloudevent = record.header("ce_specversion").is_some();
     let bytes = match record.value.as_deref() {
@@ -230,6 +236,8 @@ pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLe
     })?;
     let fields = if is_binary_cloudevent {
         binary_cloudevent(record, text)
+    } else if let Some(fields) = fast.then(|| native_fast(record, text)).flatten() {
+        Ok(fields)
     } else {
         let raw: &RawValue = serde_json::from_str(text).map_err(|e| {
             dead(DeadLetterReason::NotJson {
@@ -284,6 +292,81 @@ pub fn parse(record: &RawRecord, options: &ParseOptions) -> Result<Event, DeadLe
 }
 
 type Rejection = (Option<Uuid>, DeadLetterReason);
+
+/// The fast path for a valid native envelope: one borrowing scan of the
+/// text, no maps and no `Value` trees. It returns `None` at the first thing
+/// it does not accept as is (an unknown or duplicate field, an escaped
+/// string, a wrong type, a failed check, a structured CloudEvent), and the
+/// general path then parses the record again and says precisely what is
+/// wrong. Its result for a record it accepts is the general path's
+/// (`fast_and_general_paths_agree` checks both on generated traffic).
+fn native_fast(record: &RawRecord, text: &str) -> Option<Fields> {
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Native<'a> {
+        #[serde(borrow)]
+        event_id: Option<&'a str>,
+        #[serde(borrow)]
+        event_type: Option<&'a str>,
+        #[serde(borrow)]
+        stream_id: Option<&'a str>,
+        #[serde(borrow)]
+        occurred_at: Option<&'a str>,
+        #[serde(borrow)]
+        payload: Option<&'a RawValue>,
+        stream_version: Option<i64>,
+        #[serde(borrow)]
+        source: Option<&'a str>,
+        #[serde(borrow)]
+        correlation_id: Option<&'a str>,
+        #[serde(borrow)]
+        causation_id: Option<&'a str>,
+        #[serde(borrow)]
+        subject_id: Option<&'a str>,
+        #[serde(borrow)]
+        metadata: Option<&'a RawValue>,
+    }
+    let content_type = record.header("content-type").unwrap_or_default();
+    if content_type.starts_with(b"application/cloudevents+json") {
+        return None;
+    }
+    let native: Native<'_> = serde_json::from_str(text).ok()?;
+    let identifier = |value: Option<&str>| -> Option<Option<String>> {
+        match value {
+            None => Some(None),
+            Some(s) => identifier_problem(s).is_none().then(|| Some(s.to_string())),
+        }
+    };
+    let uuid = |value: Option<&str>| -> Option<Option<Uuid>> {
+        match value {
+            None => Some(None),
+            Some(s) => Uuid::parse_str(s).ok().map(Some),
+        }
+    };
+    let payload = native.payload.filter(|p| p.get().starts_with('{'))?;
+    let metadata = match native.metadata {
+        None => None,
+        Some(m) if m.get().starts_with('{') => Some(m.to_owned()),
+        Some(_) => return None,
+    };
+    let stream_version = match native.stream_version {
+        Some(v) if v < 1 => return None,
+        v => v,
+    };
+    Some(Fields {
+        event_id: uuid(native.event_id)??,
+        event_type: identifier(native.event_type)??,
+        stream_id: identifier(native.stream_id)??,
+        stream_version,
+        occurred_at: timestamp_str(native.occurred_at?, "occurred_at").ok()?,
+        source: identifier(native.source)?,
+        correlation_id: uuid(native.correlation_id)?,
+        causation_id: uuid(native.causation_id)?,
+        subject_id: identifier(native.subject_id)?,
+        payload: payload.to_owned(),
+        metadata,
+    })
+}
 
 /// The top-level fields kept as raw JSON text: `payload` (native) or `data`
 /// (CloudEvents), and `metadata`.
@@ -415,17 +498,11 @@ impl Fields {
             stream_version: Option<i64>,
             subject_id: &'a Option<String>,
         }
-        struct HashWriter(Sha256);
-        impl std::io::Write for HashWriter {
-            fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-                self.0.update(buf);
-                Ok(buf.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
+        thread_local! {
+            // The serialiser writes many small pieces; hashing them from one
+            // buffer is cheaper than a hasher update per piece.
+            static BUFFER: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        let mut hasher = HashWriter(Sha256::new());
         let normalised = Normalised {
             causation_id: self.causation_id,
             correlation_id: self.correlation_id,
@@ -441,9 +518,17 @@ impl Fields {
             stream_version: self.stream_version,
             subject_id: &self.subject_id,
         };
-        // Writing to a hasher cannot fail, and these types always serialise.
-        let _ = serde_json::to_writer(&mut hasher, &normalised);
-        hasher.0.finalize().into()
+        BUFFER.with_borrow_mut(|buffer| {
+            buffer.clear();
+            // Writing to a Vec cannot fail, and these types always serialise.
+            let _ = serde_json::to_writer(&mut *buffer, &normalised);
+            let hash = Sha256::digest(buffer.as_slice()).into();
+            // Do not keep an unusually large payload's buffer for good.
+            if buffer.capacity() > 64 * 1024 {
+                *buffer = Vec::new();
+            }
+            hash
+        })
     }
 }
 
@@ -688,27 +773,30 @@ fn optional_identifier(
 ) -> Result<Option<String>, DeadLetterReason> {
     match object.remove(field) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) => {
-            if s.trim().is_empty() {
-                Err(invalid(field, "must not be empty"))
-            } else if s.len() > MAX_IDENTIFIER_LEN {
-                Err(invalid(
-                    field,
-                    &format!(
-                        "is {} bytes long, over the maximum of {MAX_IDENTIFIER_LEN}",
-                        s.len()
-                    ),
-                ))
-            } else if s.chars().any(char::is_control) {
-                Err(invalid(field, "must not contain control characters"))
-            } else {
-                Ok(Some(s))
-            }
-        }
+        Some(Value::String(s)) => match identifier_problem(&s) {
+            Some(problem) => Err(invalid(field, &problem)),
+            None => Ok(Some(s)),
+        },
         Some(other) => Err(invalid(
             field,
             &format!("must be a string, got {}", json_kind(&other)),
         )),
+    }
+}
+
+/// What is wrong with an identifier's text, if anything.
+fn identifier_problem(s: &str) -> Option<String> {
+    if s.trim().is_empty() {
+        Some("must not be empty".into())
+    } else if s.len() > MAX_IDENTIFIER_LEN {
+        Some(format!(
+            "is {} bytes long, over the maximum of {MAX_IDENTIFIER_LEN}",
+            s.len()
+        ))
+    } else if s.chars().any(char::is_control) {
+        Some("must not contain control characters".into())
+    } else {
+        None
     }
 }
 
@@ -739,7 +827,11 @@ fn timestamp(value: Value, field: &str) -> Result<DateTime<Utc>, DeadLetterReaso
             &format!("must be an RFC 3339 string, got {}", json_kind(&value)),
         ));
     };
-    let parsed = DateTime::parse_from_rfc3339(&s)
+    timestamp_str(&s, field)
+}
+
+fn timestamp_str(s: &str, field: &str) -> Result<DateTime<Utc>, DeadLetterReason> {
+    let parsed = DateTime::parse_from_rfc3339(s)
         .map(|t| t.with_timezone(&Utc))
         .map_err(|e| {
             invalid(

@@ -251,3 +251,150 @@ fn accepts_binary_cloudevents() {
         }
     );
 }
+
+/// Random envelopes, valid and broken in the ways producers break them:
+/// every field missing, null, of another type, escaped, empty, too long,
+/// duplicated or unknown; the fast path must give exactly what the general
+/// path gives, event or dead letter.
+#[test]
+fn fast_and_general_paths_agree() {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+    let mut rng = StdRng::seed_from_u64(7);
+    let fields = [
+        "event_id",
+        "event_type",
+        "stream_id",
+        "occurred_at",
+        "payload",
+        "stream_version",
+        "source",
+        "correlation_id",
+        "causation_id",
+        "subject_id",
+        "metadata",
+    ];
+    let odd_values = [
+        "null",
+        "1",
+        "0",
+        "-3",
+        "3.0",
+        "1e2",
+        "\"3\"",
+        "true",
+        "[]",
+        "{}",
+        "{\"a\": 1}",
+        "\"\"",
+        "\"  \"",
+        "\"order\\u002e1\"",
+        "\"tab\\there\"",
+        "\"7d444840-9dc0-11d1-b245-5ffdce74fad2\"",
+        "\"not-a-uuid\"",
+        "\"2026-11-27T10:00:00Z\"",
+        "\"2026-13-27T10:00:00Z\"",
+        "\"0000-01-01T00:00:00Z\"",
+        "\"2026-11-27T10:00:00.1234567+05:30\"",
+        "{\"n\": \"\\u0000\"}",
+    ];
+    let long = format!("\"{}\"", "x".repeat(MAX_IDENTIFIER_LEN + 1));
+    let mut accepted_fast = 0;
+    for case in 0..20_000 {
+        let mut members: Vec<(String, String)> = vec![
+            (
+                "event_id".into(),
+                format!("\"{}\"", Uuid::from_u128(rng.gen())),
+            ),
+            ("event_type".into(), "\"order.created\"".into()),
+            (
+                "stream_id".into(),
+                format!("\"order-{}\"", rng.gen_range(0..100)),
+            ),
+            (
+                "occurred_at".into(),
+                "\"2026-11-27T10:00:00.5+01:00\"".into(),
+            ),
+            (
+                "payload".into(),
+                format!(
+                    "{{\"total_cents\": {}, \"customer\": {{\"email\": \"a@b.c\"}}}}",
+                    rng.gen_range(0..10_000)
+                ),
+            ),
+        ];
+        for optional in [
+            ("stream_version", "2".to_string()),
+            ("source", "\"checkout\"".to_string()),
+            (
+                "correlation_id",
+                format!("\"{}\"", Uuid::from_u128(rng.gen())),
+            ),
+            (
+                "causation_id",
+                format!("\"{}\"", Uuid::from_u128(rng.gen())),
+            ),
+            ("subject_id", "\"customer-9\"".to_string()),
+            ("metadata", "{\"trace\": \"t-1\"}".to_string()),
+        ] {
+            if rng.gen_bool(0.5) {
+                members.push((optional.0.into(), optional.1));
+            }
+        }
+        let mutations = if case % 4 == 0 {
+            0
+        } else {
+            rng.gen_range(1..3)
+        };
+        for _ in 0..mutations {
+            let field = fields[rng.gen_range(0..fields.len())].to_string();
+            match rng.gen_range(0..6) {
+                0 => members.retain(|(k, _)| *k != field),
+                1 => {
+                    let value = if rng.gen_bool(0.1) {
+                        long.clone()
+                    } else {
+                        odd_values[rng.gen_range(0..odd_values.len())].to_string()
+                    };
+                    members.retain(|(k, _)| *k != field);
+                    members.push((field, value));
+                }
+                2 => members.push((field, "\"again\"".into())),
+                3 => members.push((
+                    ["data", "specversion", "extra", "Event_id"][rng.gen_range(0..4)].into(),
+                    "\"1.0\"".into(),
+                )),
+                4 => members.reverse(),
+                _ => {
+                    // The key spelled with an escape.
+                    if let Some(member) = members.iter_mut().find(|(k, _)| *k == field) {
+                        member.0 = member.0.replacen('_', "\\u005f", 1);
+                    }
+                }
+            }
+        }
+        let text = format!(
+            "{{{}}}",
+            members
+                .iter()
+                .map(|(k, v)| format!("\"{k}\": {v}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let headers = if case % 50 == 0 {
+            vec![("content-type", "application/cloudevents+json")]
+        } else {
+            vec![("trace", "x")]
+        };
+        let record = record_with(text.as_bytes(), headers);
+        let options = ParseOptions::default();
+        let fast = parse_with(&record, &options, true);
+        let general = parse_with(&record, &options, false);
+        if fast.is_ok() {
+            accepted_fast += 1;
+        }
+        assert_eq!(format!("{fast:?}"), format!("{general:?}"), "{text}");
+    }
+    // The generator is not so broken that nothing is valid.
+    assert!(accepted_fast > 4_000, "{accepted_fast} valid cases");
+}

@@ -32,12 +32,32 @@ createdb "$DB"
 "$BIN" run --brokers "$B" --topics bench --group-id g --database-url "$URL" \
   --api-addr 127.0.0.1:0 --group-protocol consumer "$@" > "$W/node.log" 2>&1 &
 NODE=$!
+# PERF=FILE: also sample the node with `perf record` into FILE.
+if [ -n "${PERF:-}" ]; then
+  perf record -F 1999 ${PERF_ARGS:-} -p "$NODE" -o "$PERF" > "$W/perf.log" 2>&1 &
+  PERFPID=$!
+fi
+# CPU ticks of all PostgreSQL server processes (backends, WAL writer,
+# checkpointer, autovacuum), to split the machine's work between the node and
+# the database.
+pg_ticks() {
+  local t=0 p
+  for p in $(pgrep -u postgres postgres 2>/dev/null || pgrep postgres); do
+    read -r u s < <(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null || echo "0 0")
+    t=$((t + u + s))
+  done
+  echo "$t"
+}
+PG0=$(pg_ticks)
 START=$(date +%s.%N)
 until [ "$(psql -d "$DB" -Atc 'SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets' 2>/dev/null || echo 0)" -ge "$EVENTS" ]; do
+  if ! kill -0 "$NODE" 2>/dev/null; then echo "node-cpu: the node exited:" >&2; tail -5 "$W/node.log" >&2; exit 1; fi
   sleep 0.2
 done
 END=$(date +%s.%N)
+PG1=$(pg_ticks)
+[ -n "${PERFPID:-}" ] && kill -INT "$PERFPID" && wait "$PERFPID" || true
 read -r UT ST < <(awk '{print $14, $15}' "/proc/$NODE/stat")
 HZ=$(getconf CLK_TCK)
-awk -v ut="$UT" -v st="$ST" -v hz="$HZ" -v n="$EVENTS" -v s="$START" -v e="$END" -v l="$LABEL" \
-  'BEGIN { cpu = (ut + st) / hz; printf "%s: node CPU %.2f s = %.1f µs/event; wall %.2f s\n", l, cpu, cpu * 1e6 / n, e - s }'
+awk -v ut="$UT" -v st="$ST" -v hz="$HZ" -v n="$EVENTS" -v s="$START" -v e="$END" -v l="$LABEL" -v pg=$((PG1 - PG0)) \
+  'BEGIN { cpu = (ut + st) / hz; printf "%s: node CPU %.2f s = %.1f µs/event; PostgreSQL %.1f µs/event; wall %.2f s\n", l, cpu, cpu * 1e6 / n, pg / hz * 1e6 / n, e - s }'
