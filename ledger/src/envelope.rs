@@ -838,7 +838,7 @@ fn timestamp_str(s: &str, field: &str) -> Result<DateTime<Utc>, DeadLetterReason
                 field,
                 &format!(
                     "must be an RFC 3339 timestamp, got {:?} ({e})",
-                    truncate(&s)
+                    truncate(s)
                 ),
             )
         })?;
@@ -847,7 +847,7 @@ fn timestamp_str(s: &str, field: &str) -> Result<DateTime<Utc>, DeadLetterReason
             field,
             &format!(
                 "must be between years 0001 and 9999, got {:?}",
-                truncate(&s)
+                truncate(s)
             ),
         ));
     }
