@@ -341,11 +341,9 @@ impl EventStore for PgEventStore {
         // Claim the batch's new ids in `event_ids`; ids it already holds
         // are looked up there and classified (duplicate, conflict, re-read).
         sqlx::query("SAVEPOINT claim").execute(&mut *tx).await?;
-        let claimed = claim_ids(&mut tx, &candidates).await?;
-        let taken: Vec<Uuid> = candidates
-            .iter()
-            .map(|e| e.event_id)
-            .filter(|id| !claimed.contains(id))
+        let taken: Vec<Uuid> = claim_ids(&mut tx, &candidates)
+            .await?
+            .into_iter()
             .collect();
         let existing = existing_ids(&mut tx, &taken).await?;
         let Classified {
@@ -376,8 +374,7 @@ impl EventStore for PgEventStore {
                         .any(|(r, _)| r.kafka_offset == e.kafka_offset)
                 })
                 .collect();
-            let claimed = claim_ids(&mut tx, &keep).await?;
-            if claimed.len() != keep.len() {
+            if !claim_ids(&mut tx, &keep).await?.is_empty() {
                 return Err(StoreError::Conflict(
                     "another writer claimed an event id of this batch".into(),
                 ));
@@ -565,7 +562,8 @@ pub(crate) async fn update_chain(
     Ok(())
 }
 
-/// Inserts the events' ids into `event_ids`; returns those that were new.
+/// Claims the events' ids in `event_ids`; returns the ids another event
+/// already holds.
 async fn claim_ids(
     conn: &mut sqlx::PgConnection,
     events: &[&Event],
@@ -574,15 +572,20 @@ async fn claim_ids(
         return Ok(HashSet::new());
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
-    let hashes: Vec<Vec<u8>> = events.iter().map(|e| e.content_hash.to_vec()).collect();
+    let hashes: Vec<&[u8]> = events.iter().map(|e| &e.content_hash[..]).collect();
     let times: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.occurred_at).collect();
     let topics: Vec<&str> = events.iter().map(|e| e.kafka_topic.as_str()).collect();
     let partitions: Vec<i32> = events.iter().map(|e| e.kafka_partition).collect();
     let offsets: Vec<i64> = events.iter().map(|e| e.kafka_offset).collect();
-    let claimed: Vec<Uuid> = sqlx::query_scalar(
-        "INSERT INTO event_ids (event_id, content_hash, occurred_at, kafka_topic, kafka_partition, kafka_offset)
-         SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[])
-         ON CONFLICT (event_id) DO NOTHING RETURNING event_id",
+    // Answers with the ids that were *not* claimed (usually none), so that a
+    // batch does not read back a row per event.
+    let taken: Vec<Uuid> = sqlx::query_scalar(
+        "WITH claimed AS (
+           INSERT INTO event_ids (event_id, content_hash, occurred_at, kafka_topic, kafka_partition, kafka_offset)
+           SELECT * FROM unnest($1::uuid[], $2::bytea[], $3::timestamptz[], $4::text[], $5::int[], $6::bigint[])
+           ON CONFLICT (event_id) DO NOTHING RETURNING event_id)
+         SELECT DISTINCT batch.id FROM unnest($1::uuid[]) AS batch(id)
+         WHERE NOT EXISTS (SELECT 1 FROM claimed WHERE claimed.event_id = batch.id)",
     )
     .bind(&ids)
     .bind(&hashes)
@@ -592,7 +595,7 @@ async fn claim_ids(
     .bind(&offsets)
     .fetch_all(&mut *conn)
     .await?;
-    Ok(claimed.into_iter().collect())
+    Ok(taken.into_iter().collect())
 }
 
 /// What `event_ids` holds for ids a batch could not claim.
