@@ -836,19 +836,13 @@ fn timestamp_str(s: &str, field: &str) -> Result<DateTime<Utc>, DeadLetterReason
         .map_err(|e| {
             invalid(
                 field,
-                &format!(
-                    "must be an RFC 3339 timestamp, got {:?} ({e})",
-                    truncate(s)
-                ),
+                &format!("must be an RFC 3339 timestamp, got {:?} ({e})", truncate(s)),
             )
         })?;
     if !(1..=9999).contains(&parsed.year()) {
         return Err(invalid(
             field,
-            &format!(
-                "must be between years 0001 and 9999, got {:?}",
-                truncate(s)
-            ),
+            &format!("must be between years 0001 and 9999, got {:?}", truncate(s)),
         ));
     }
     // PostgreSQL keeps microseconds: hash and store the same instant.

@@ -341,10 +341,7 @@ impl EventStore for PgEventStore {
         // Claim the batch's new ids in `event_ids`; ids it already holds
         // are looked up there and classified (duplicate, conflict, re-read).
         sqlx::query("SAVEPOINT claim").execute(&mut *tx).await?;
-        let taken: Vec<Uuid> = claim_ids(&mut tx, &candidates)
-            .await?
-            .into_iter()
-            .collect();
+        let taken: Vec<Uuid> = claim_ids(&mut tx, &candidates).await?.into_iter().collect();
         let existing = existing_ids(&mut tx, &taken).await?;
         let Classified {
             events,
