@@ -256,10 +256,11 @@ fn order_event(rng: &mut StdRng, offset: i64, created_only: bool) -> Event {
         metadata: Some(raw(
             &json!({"schema_version": 1, "producer": "audit-node produce"}),
         )),
-        headers: raw(&json!([
+        headers: json!([
             {"key": "content-type", "value": "application/json"},
             {"key": "traceparent", "value": format!("00-{:032x}-{:016x}-01", rng.gen::<u128>(), rng.gen::<u64>())},
-        ])),
+        ])
+        .to_string(),
         content_hash: rng.gen(),
         kafka_topic: "orders".to_owned(),
         kafka_partition: 0,

@@ -65,8 +65,9 @@ pub struct Event {
     /// (PostgreSQL's jsonb normalises it on input).
     pub payload: Box<RawValue>,
     pub metadata: Option<Box<RawValue>>,
-    /// Kafka headers as JSON text (see [`RawRecord::headers_json`]).
-    pub headers: Box<RawValue>,
+    /// Kafka headers as canonical JSON text (docs/INTEGRITY.md), as
+    /// [`RawRecord::headers_json_text`] writes them: stored and hashed as is.
+    pub headers: String,
     /// SHA-256 of the normalised envelope: tells a producer retry (same
     /// content) from a reused `event_id` (different content).
     pub content_hash: [u8; 32],

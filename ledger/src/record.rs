@@ -30,52 +30,51 @@ impl RawRecord {
             .and_then(|h| h.value.as_deref())
     }
 
-    /// [`Self::headers_json`] as JSON text, built without a `Value` tree
-    /// (it is on the hot path of every event).
-    pub fn headers_json_text(&self) -> Box<serde_json::value::RawValue> {
+    /// [`Self::headers_json`] as JSON text, written directly in the
+    /// canonical form (docs/INTEGRITY.md): it is on the hot path of every
+    /// event, and the chain record hashes it in that form.
+    pub fn headers_json_text(&self) -> String {
+        use crate::canonical::write_str;
         use base64::Engine as _;
-        #[derive(serde::Serialize)]
-        struct Entry<'a> {
-            key: std::borrow::Cow<'a, str>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            value: Option<Option<&'a str>>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            value_base64: Option<String>,
+        let mut out = Vec::with_capacity(
+            2 + self
+                .headers
+                .iter()
+                .map(|h| h.key.len() + h.value.as_ref().map_or(4, Vec::len) + 24)
+                .sum::<usize>(),
+        );
+        out.push(b'[');
+        for (i, h) in self.headers.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"key\":");
+            if h.key.contains('\0') {
+                write_str(&h.key.replace('\0', "\u{FFFD}"), &mut out);
+            } else {
+                write_str(&h.key, &mut out);
+            }
+            match &h.value {
+                None => out.extend_from_slice(b",\"value\":null"),
+                Some(bytes) => match std::str::from_utf8(bytes) {
+                    Ok(text) if !text.contains('\0') => {
+                        out.extend_from_slice(b",\"value\":");
+                        write_str(text, &mut out);
+                    }
+                    _ => {
+                        out.extend_from_slice(b",\"value_base64\":");
+                        write_str(
+                            &base64::engine::general_purpose::STANDARD.encode(bytes),
+                            &mut out,
+                        );
+                    }
+                },
+            }
+            out.push(b'}');
         }
-        let entries: Vec<Entry<'_>> = self
-            .headers
-            .iter()
-            .map(|h| {
-                let key = if h.key.contains('\0') {
-                    std::borrow::Cow::Owned(h.key.replace('\0', "\u{FFFD}"))
-                } else {
-                    std::borrow::Cow::Borrowed(h.key.as_str())
-                };
-                match &h.value {
-                    None => Entry {
-                        key,
-                        value: Some(None),
-                        value_base64: None,
-                    },
-                    Some(bytes) => match std::str::from_utf8(bytes) {
-                        Ok(text) if !text.contains('\0') => Entry {
-                            key,
-                            value: Some(Some(text)),
-                            value_base64: None,
-                        },
-                        _ => Entry {
-                            key,
-                            value: None,
-                            value_base64: Some(
-                                base64::engine::general_purpose::STANDARD.encode(bytes),
-                            ),
-                        },
-                    },
-                }
-            })
-            .collect();
-        // Serialising strings cannot fail; the default (`null`) is unreachable.
-        serde_json::value::to_raw_value(&entries).unwrap_or_default()
+        out.push(b']');
+        // Built from `&str`s and ASCII punctuation: valid UTF-8.
+        String::from_utf8(out).unwrap_or_else(|_| "[]".into())
     }
 
     /// Headers as JSON, lossless: UTF-8 values without NUL are kept as text,
@@ -100,5 +99,59 @@ impl RawRecord {
             })
             .collect();
         Value::Array(list)
+    }
+}
+
+#[cfg(test)]
+mod headers_tests {
+    use super::*;
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    /// The hand-written text is the lossless headers JSON, and already in
+    /// canonical form (the chain hashes it without another pass).
+    #[test]
+    fn headers_text_is_canonical_and_lossless() {
+        let pieces: [&[u8]; 9] = [
+            b"a",
+            b"\"",
+            b"\\",
+            b"\n",
+            b"\0",
+            b"\x7f",
+            "é€😀".as_bytes(),
+            b"\xff",
+            b"/",
+        ];
+        let mut rng = StdRng::seed_from_u64(3);
+        for _ in 0..2_000 {
+            let bytes = |rng: &mut StdRng| -> Vec<u8> {
+                (0..rng.gen_range(0..6))
+                    .flat_map(|_| pieces[rng.gen_range(0..pieces.len())].to_vec())
+                    .collect()
+            };
+            let headers = (0..rng.gen_range(0..4))
+                .map(|_| Header {
+                    key: String::from_utf8_lossy(&bytes(&mut rng)).into_owned(),
+                    value: rng.gen_bool(0.8).then(|| bytes(&mut rng)),
+                })
+                .collect();
+            let record = RawRecord {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                key: None,
+                value: None,
+                headers,
+                timestamp_ms: None,
+            };
+            let text = record.headers_json_text();
+            let value: Value = serde_json::from_str(&text).expect("valid JSON");
+            assert_eq!(value, record.headers_json(), "{text}");
+            assert_eq!(
+                crate::canonical::canonical_text(&text).expect("canonical"),
+                text
+            );
+        }
     }
 }

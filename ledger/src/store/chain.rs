@@ -77,7 +77,7 @@ impl StoredEvent {
                 Some(m) => Some(canonical(m.get())?),
                 None => None,
             },
-            headers: canonical(event.headers.get())?,
+            headers: event.headers.clone(),
             blind_index: Vec::new(),
             content_hash: event.content_hash,
             kafka_topic: Some(event.kafka_topic.clone()),
