@@ -111,6 +111,12 @@ pub fn write_str(s: &str, out: &mut Vec<u8>) {
     write_str_bytes(s.as_bytes(), out);
 }
 
+/// Appends `s` as serde_json writes a string: the short escapes `\b \t \n
+/// \f \r` where JSON has them, else `\u00` and lowercase hex.
+pub(crate) fn write_str_serde(s: &str, out: &mut Vec<u8>) {
+    write_str_bytes_as(true, s.as_bytes(), out);
+}
+
 /// [`write_str`] for the UTF-8 bytes of a string. Copies the runs between
 /// bytes that need an escape in bulk.
 fn write_str_bytes(bytes: &[u8], out: &mut Vec<u8>) {

@@ -83,7 +83,8 @@ impl StoredEvent {
             kafka_topic: Some(event.kafka_topic.clone()),
             kafka_partition: Some(event.kafka_partition),
             kafka_offset: Some(event.kafka_offset),
-            chain_id: kafka_chain_id(&event.kafka_topic, event.kafka_partition),
+            // Set by `ChainHead::link`, which every stored event goes through.
+            chain_id: String::new(),
             chain_position: 0,
             hash: [0; 32],
         })

@@ -603,6 +603,21 @@ pub async fn pin_keys(
         return Ok(());
     }
     let ids: Vec<Uuid> = prepared.keys_used.keys().copied().collect();
+    let subjects: Vec<&str> = prepared.keys_used.values().map(String::as_str).collect();
+    // The common case in one round trip and one row: every key is still
+    // there (and now pinned), and no subject was erased meanwhile.
+    let (pinned, erased): (i64, bool) = sqlx::query_as(
+        "SELECT (SELECT count(*) FROM (SELECT key_id FROM subject_keys
+                                       WHERE key_id = ANY($1) FOR KEY SHARE) AS k),
+                EXISTS (SELECT 1 FROM erased_subjects WHERE subject_id = ANY($2))",
+    )
+    .bind(&ids)
+    .bind(&subjects)
+    .fetch_one(&mut *conn)
+    .await?;
+    if pinned == ids.len() as i64 && !erased {
+        return Ok(());
+    }
     let pinned: Vec<Uuid> =
         sqlx::query_scalar("SELECT key_id FROM subject_keys WHERE key_id = ANY($1) FOR KEY SHARE")
             .bind(&ids)
