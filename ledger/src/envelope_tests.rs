@@ -416,7 +416,7 @@ fn normalised_envelope_is_serde_jsons() {
         "é€😀",
         "/",
     ];
-    let mut pick = |rng: &mut StdRng| strings[rng.gen_range(0..strings.len())].to_string();
+    let pick = |rng: &mut StdRng| strings[rng.gen_range(0..strings.len())].to_string();
     for _ in 0..2_000 {
         let fields = Fields {
             event_id: Uuid::from_u128(rng.gen()),
