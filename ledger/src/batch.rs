@@ -94,7 +94,7 @@ pub fn classify<'a>(
     existing: &HashMap<Uuid, ExistingEvent>,
 ) -> Classified<'a> {
     let mut out = Classified::default();
-    let mut in_batch: HashMap<Uuid, ([u8; 32], i64)> = HashMap::new();
+    let mut in_batch: HashMap<Uuid, ([u8; 32], i64)> = HashMap::with_capacity(batch.len());
     for (record, item) in batch.records.iter().zip(&batch.items) {
         let event = match item {
             Ok(event) => event,
