@@ -381,33 +381,19 @@ impl RecordSource for KafkaPartitionSource {
         max_wait: Duration,
         linger: Duration,
     ) -> Result<Vec<RawRecord>, SourceError> {
-        use futures::{FutureExt, StreamExt};
-        // One stream for the whole batch: each `recv()` would register and
-        // unregister a waker slot under the consumer's mutex, per message.
-        let mut stream = self.queue.stream();
-        let ended = || SourceError::Transient("the partition queue's stream ended".into());
-        let first = match tokio::time::timeout(max_wait, stream.next()).await {
+        let first = match tokio::time::timeout(max_wait, self.queue.recv()).await {
             Err(_idle) => return Ok(Vec::new()),
-            Ok(None) => return Err(ended()),
-            Ok(Some(Err(error))) => return Err(SourceError::Transient(error.to_string())),
-            Ok(Some(Ok(message))) => to_record(&message),
+            Ok(Err(error)) => return Err(SourceError::Transient(error.to_string())),
+            Ok(Ok(message)) => to_record(&message),
         };
         let mut records = Vec::with_capacity(max.min(4096));
         records.push(first);
         let deadline = tokio::time::Instant::now() + linger;
         while records.len() < max {
-            // A message already queued is taken without arming a timer.
-            let next = match stream.next().now_or_never() {
-                Some(next) => next,
-                None => match tokio::time::timeout_at(deadline, stream.next()).await {
-                    Ok(next) => next,
-                    Err(_linger_over) => break,
-                },
-            };
-            match next {
-                Some(Ok(message)) => records.push(to_record(&message)),
+            match tokio::time::timeout_at(deadline, self.queue.recv()).await {
+                Ok(Ok(message)) => records.push(to_record(&message)),
                 // An error mid-batch: keep what we have, report it next time.
-                Some(Err(_)) | None => break,
+                Ok(Err(_)) | Err(_) => break,
             }
         }
         Ok(records)
