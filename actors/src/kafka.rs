@@ -407,6 +407,7 @@ impl RecordSource for KafkaPartitionSource {
             // Right after an assignment librdkafka may not accept a seek yet.
             let mut last = None;
             for attempt in 0..20u64 {
+                let started = std::time::Instant::now();
                 match consumer.seek(
                     &topic,
                     partition,
@@ -414,7 +415,28 @@ impl RecordSource for KafkaPartitionSource {
                     Timeout::After(Duration::from_secs(10)),
                 ) {
                     Ok(()) => return Ok(()),
-                    Err(e) => last = Some(e),
+                    Err(e) => {
+                        tracing::warn!(
+                            topic = %topic,
+                            partition,
+                            attempt = attempt + 1,
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            error = %e,
+                            "partition seek failed; retrying"
+                        );
+                        last = Some(e);
+                        // A partition revoked meanwhile fails every seek
+                        // ("Erroneous state"): give up at once, so that the
+                        // actor sees its stop instead of retrying for seconds.
+                        let assigned = consumer.assignment().map(|tpl| {
+                            tpl.find_partition(&topic, partition).is_some()
+                        });
+                        if let Ok(false) = assigned {
+                            return Err(SourceError::Transient(format!(
+                                "seek of {topic}/{partition}: the partition is no longer assigned to this consumer"
+                            )));
+                        }
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(50 * (attempt + 1)));
             }

@@ -136,6 +136,23 @@ impl PartitionState {
     /// One step of the pipeline. Returns a delay when the next step should
     /// wait (a failed write, an unavailable store), `None` to go on at once.
     async fn step(&mut self) -> Result<Option<Duration>, PartitionError> {
+        match self.step_once().await {
+            // A seek or read that failed for now (the partition was revoked
+            // meanwhile, the broker is away): start again from the stored
+            // offset, which is always right, after a pause in which the
+            // actor can take its stop.
+            Err(PartitionError::Source(SourceError::Transient(e))) => {
+                telemetry::source_error(&self.key.topic, self.key.partition, &e);
+                self.positioned = false;
+                self.pending = None;
+                self.carry.clear();
+                Ok(Some(self.config.write_retry_base))
+            }
+            other => other,
+        }
+    }
+
+    async fn step_once(&mut self) -> Result<Option<Duration>, PartitionError> {
         if !self.positioned {
             return self.position_at_stored_offset().await;
         }
