@@ -202,9 +202,15 @@ fn push_escaped_byte(b: u8, out: &mut Vec<u8>) {
 
 /// The index of the first byte at or after `from` that is `"`, `\` or below
 /// 0x20 (the bytes a JSON string cannot hold raw), or `bytes.len()`.
-/// Looks at eight bytes at a time.
 #[inline]
 fn find_special(bytes: &[u8], from: usize) -> usize {
+    find_control_or(bytes, from, [b'"', b'\\'])
+}
+
+/// The index of the first byte at or after `from` that is below 0x20 or one
+/// of `extra` (ASCII), or `bytes.len()`. Looks at eight bytes at a time.
+#[inline]
+pub(crate) fn find_control_or<const N: usize>(bytes: &[u8], from: usize, extra: [u8; N]) -> usize {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;
     let mut i = from;
@@ -216,19 +222,19 @@ fn find_special(bytes: &[u8], from: usize) -> usize {
         // The classic "has a byte < n" and "has a zero byte" tests. A lane
         // can be flagged wrongly only above a lane that is rightly flagged
         // (borrows run upwards), so the lowest flagged lane is exact.
-        let control = x.wrapping_sub(ONES * 0x20) & !x;
-        let q = x ^ (ONES * u64::from(b'"'));
-        let quote = q.wrapping_sub(ONES) & !q;
-        let s = x ^ (ONES * u64::from(b'\\'));
-        let backslash = s.wrapping_sub(ONES) & !s;
-        let found = (control | quote | backslash) & HIGH;
+        let mut found = x.wrapping_sub(ONES * 0x20) & !x;
+        for byte in extra {
+            let y = x ^ (ONES * u64::from(byte));
+            found |= y.wrapping_sub(ONES) & !y;
+        }
+        found &= HIGH;
         if found != 0 {
             return i + (found.trailing_zeros() / 8) as usize;
         }
         i += 8;
     }
     while let Some(&b) = bytes.get(i) {
-        if b < 0x20 || b == b'"' || b == b'\\' {
+        if b < 0x20 || extra.contains(&b) {
             return i;
         }
         i += 1;
@@ -1153,7 +1159,7 @@ fn decimal(mut n: u64, buf: &mut [u8; 20]) -> &[u8] {
     &buf[i..]
 }
 
-fn push_i64(n: i64, out: &mut Vec<u8>) {
+pub(crate) fn push_i64(n: i64, out: &mut Vec<u8>) {
     if n < 0 {
         out.push(b'-');
     }
@@ -1350,14 +1356,14 @@ fn write_opt_i64(value: Option<i64>, out: &mut Vec<u8>) {
     }
 }
 
-fn write_uuid(id: Uuid, out: &mut Vec<u8>) {
+pub(crate) fn write_uuid(id: Uuid, out: &mut Vec<u8>) {
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     out.push(b'"');
     out.extend_from_slice(id.hyphenated().encode_lower(&mut buf).as_bytes());
     out.push(b'"');
 }
 
-fn write_opt_uuid(id: Option<Uuid>, out: &mut Vec<u8>) {
+pub(crate) fn write_opt_uuid(id: Option<Uuid>, out: &mut Vec<u8>) {
     match id {
         Some(id) => write_uuid(id, out),
         None => out.extend_from_slice(b"null"),

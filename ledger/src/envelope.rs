@@ -504,29 +504,17 @@ impl Fields {
     /// The normalised envelope's bytes, written by hand: serde's
     /// serialiser showed up in ingest profiles.
     fn write_normalised(&self, out: &mut Vec<u8>) {
-        use crate::canonical::write_str_serde as string;
-        let uuid = |id: Option<Uuid>, out: &mut Vec<u8>| match id {
-            Some(id) => {
-                out.push(b'"');
-                out.extend_from_slice(
-                    id.hyphenated()
-                        .encode_lower(&mut Uuid::encode_buffer())
-                        .as_bytes(),
-                );
-                out.push(b'"');
-            }
-            None => out.extend_from_slice(b"null"),
-        };
+        use crate::canonical::{push_i64, write_opt_uuid, write_str_serde as string, write_uuid};
         let text = |value: Option<&str>, out: &mut Vec<u8>| match value {
             Some(s) => string(s, out),
             None => out.extend_from_slice(b"null"),
         };
         out.extend_from_slice(b"{\"causation_id\":");
-        uuid(self.causation_id, out);
+        write_opt_uuid(self.causation_id, out);
         out.extend_from_slice(b",\"correlation_id\":");
-        uuid(self.correlation_id, out);
+        write_opt_uuid(self.correlation_id, out);
         out.extend_from_slice(b",\"event_id\":");
-        uuid(Some(self.event_id), out);
+        write_uuid(self.event_id, out);
         out.extend_from_slice(b",\"event_type\":");
         string(&self.event_type, out);
         out.extend_from_slice(b",\"metadata\":");
@@ -549,7 +537,7 @@ impl Fields {
         string(&self.stream_id, out);
         out.extend_from_slice(b",\"stream_version\":");
         match self.stream_version {
-            Some(v) => out.extend_from_slice(v.to_string().as_bytes()),
+            Some(v) => push_i64(v, out),
             None => out.extend_from_slice(b"null"),
         }
         out.extend_from_slice(b",\"subject_id\":");

@@ -261,19 +261,7 @@ fn fast_and_general_paths_agree() {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
     let mut rng = StdRng::seed_from_u64(7);
-    let fields = [
-        "event_id",
-        "event_type",
-        "stream_id",
-        "occurred_at",
-        "payload",
-        "stream_version",
-        "source",
-        "correlation_id",
-        "causation_id",
-        "subject_id",
-        "metadata",
-    ];
+    let fields = NATIVE_FIELDS;
     let odd_values = [
         "null",
         "1",
