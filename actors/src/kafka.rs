@@ -11,6 +11,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use audit_ledger::{Header, RawRecord};
 use ractor::ActorRef;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
@@ -381,19 +382,23 @@ impl RecordSource for KafkaPartitionSource {
         max_wait: Duration,
         linger: Duration,
     ) -> Result<Vec<RawRecord>, SourceError> {
-        let first = match tokio::time::timeout(max_wait, self.queue.recv()).await {
+        // One stream for the whole batch: `recv()` registers and removes a
+        // waker under a lock for every message.
+        let mut stream = self.queue.stream();
+        let first = match tokio::time::timeout(max_wait, stream.next()).await {
             Err(_idle) => return Ok(Vec::new()),
-            Ok(Err(error)) => return Err(SourceError::Transient(error.to_string())),
-            Ok(Ok(message)) => to_record(&message),
+            Ok(None) => return Err(SourceError::Transient("the partition stream ended".into())),
+            Ok(Some(Err(error))) => return Err(SourceError::Transient(error.to_string())),
+            Ok(Some(Ok(message))) => to_record(&message),
         };
-        let mut records = Vec::with_capacity(max.min(4096));
+        let mut records = audit_ledger::batch::record_buffer(max.min(4096));
         records.push(first);
         let deadline = tokio::time::Instant::now() + linger;
         while records.len() < max {
-            match tokio::time::timeout_at(deadline, self.queue.recv()).await {
-                Ok(Ok(message)) => records.push(to_record(&message)),
+            match tokio::time::timeout_at(deadline, stream.next()).await {
+                Ok(Some(Ok(message))) => records.push(to_record(&message)),
                 // An error mid-batch: keep what we have, report it next time.
-                Ok(Err(_)) | Err(_) => break,
+                Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
             }
         }
         Ok(records)

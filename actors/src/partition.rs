@@ -252,6 +252,9 @@ impl PartitionState {
                 )
                 .await
             {
+                // `more` is a recycled buffer (`record_buffer`): keep it
+                // rather than copying it into the empty carry.
+                Ok(more) if records.is_empty() => records = more,
                 Ok(more) => records.extend(more),
                 // Write what we have; the error shows again on the next read.
                 Err(SourceError::Transient(e)) => {

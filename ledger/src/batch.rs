@@ -7,6 +7,21 @@ use uuid::Uuid;
 
 use crate::envelope::{self, DeadLetter, DeadLetterReason, Event, ParseOptions};
 use crate::record::RawRecord;
+use crate::recycle::VecPool;
+
+/// Batches a node has in flight at once, about: how many vectors of each
+/// kind the pools below keep.
+const KEEP: usize = 8;
+/// Batches larger than this do not give their vectors back.
+const MAX_KEPT: usize = 16_384;
+static RECORDS: VecPool<RawRecord> = VecPool::new(KEEP, MAX_KEPT);
+static ITEMS: VecPool<Result<Event, DeadLetter>> = VecPool::new(KEEP, MAX_KEPT);
+
+/// An empty vector for a source to read a batch's records into: reused
+/// from an earlier batch when one is free (see `recycle`).
+pub fn record_buffer(capacity: usize) -> Vec<RawRecord> {
+    RECORDS.take(capacity)
+}
 
 /// A batch of consecutive records of one partition, parsed.
 #[derive(Debug, Clone)]
@@ -24,11 +39,10 @@ impl PreparedBatch {
     #[allow(clippy::result_large_err)] // see envelope::parse
     pub fn parse(records: Vec<RawRecord>, options: &ParseOptions) -> Option<Self> {
         let next_offset = records.last()?.offset + 1;
+        let mut items = ITEMS.take(records.len());
+        items.extend(records.iter().map(|r| envelope::parse(r, options)));
         Some(Self {
-            items: records
-                .iter()
-                .map(|r| envelope::parse(r, options))
-                .collect(),
+            items,
             records,
             next_offset,
         })
@@ -52,6 +66,13 @@ impl PreparedBatch {
         ids.sort_unstable();
         ids.dedup();
         ids
+    }
+}
+
+impl Drop for PreparedBatch {
+    fn drop(&mut self) {
+        RECORDS.give(std::mem::take(&mut self.records));
+        ITEMS.give(std::mem::take(&mut self.items));
     }
 }
 

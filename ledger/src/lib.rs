@@ -14,6 +14,7 @@ pub mod proofs;
 pub mod protect;
 pub mod query;
 pub mod record;
+pub mod recycle;
 pub mod replay_jobs;
 pub mod store;
 pub mod testing;

@@ -24,6 +24,7 @@ use crate::canonical::GENESIS;
 use crate::envelope::{DeadLetter, DeadLetterReason, Event};
 use crate::error::StoreError;
 use crate::merkle::CompactRange;
+use crate::recycle::VecPool;
 
 pub use super::chain::{encode_copy_row, COPY_EVENTS};
 
@@ -287,6 +288,9 @@ impl PgEventStore {
     }
 }
 
+/// A batch's rows, kept between batches (see `recycle`).
+static STORED_ROWS: VecPool<StoredEvent> = VecPool::new(8, protection::MAX_KEPT_ROWS);
+
 #[async_trait]
 impl EventStore for PgEventStore {
     async fn stored_offset(&self, key: &OffsetKey) -> Result<Option<i64>, StoreError> {
@@ -349,7 +353,7 @@ impl EventStore for PgEventStore {
             duplicates,
         } = classify(write.batch, &existing);
 
-        let mut rows = Vec::with_capacity(events.len());
+        let mut rows = STORED_ROWS.take(events.len());
         let mut refused = Vec::new();
         for event in &events {
             match prepared.take(event.kafka_offset) {
@@ -401,6 +405,7 @@ impl EventStore for PgEventStore {
                     .execute(&mut *tx)
                     .await?;
                 head = before;
+                let rows = std::mem::take(&mut rows);
                 let refused = isolate_refused(&mut tx, &mut head, rows, &mut scratch).await?;
                 stored_events -= refused.len() as u64;
                 for (event_id, offset, error) in refused {
@@ -417,6 +422,7 @@ impl EventStore for PgEventStore {
             }
             Err(other) => return Err(other),
         }
+        STORED_ROWS.give(rows);
         if head.length != before_length {
             update_chain(&mut tx, &head).await?;
         }

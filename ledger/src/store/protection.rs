@@ -21,6 +21,7 @@ use uuid::Uuid;
 use super::chain::StoredEvent;
 use crate::envelope::{DeadLetterReason, Event};
 use crate::error::StoreError;
+use crate::recycle::VecPool;
 use crate::protect::{
     self, BlindIndexKey, DataKey, KeyProvider, PayloadBatch, PayloadError, Policy, ProtectError,
     Scanned, Treatment, WrappedKey,
@@ -175,9 +176,18 @@ impl Keyring {
             .filter(|s| !found.contains_key(*s))
             .collect();
         if create && !absent.is_empty() {
-            self.create(pool, &absent).await?;
-            // Another node may have won the race for some: read the winners.
-            found.extend(self.load(pool, &absent).await?);
+            let created = self.create(pool, &absent).await?;
+            // Another writer may have won the race for some, or the subject
+            // was erased meanwhile: read those.
+            let lost: Vec<&str> = absent
+                .iter()
+                .copied()
+                .filter(|s| !created.contains_key(*s))
+                .collect();
+            found.extend(created);
+            if !lost.is_empty() {
+                found.extend(self.load(pool, &lost).await?);
+            }
         }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         for (subject, key) in found {
@@ -208,6 +218,7 @@ impl Keyring {
         .fetch_all(pool)
         .await?;
         let mut out = HashMap::with_capacity(rows.len());
+        let mut live = Vec::with_capacity(rows.len());
         for row in rows {
             let subject: String = row.try_get(0)?;
             let erased: bool = row.try_get(4)?;
@@ -218,6 +229,25 @@ impl Keyring {
             let Some(key_id) = row.try_get::<Option<Uuid>, _>(1)? else {
                 continue;
             };
+            live.push((subject, key_id, row));
+        }
+        // Keys another batch of this node unwrapped meanwhile (a node's
+        // partitions meet the same new subjects at once): each unwrap may
+        // be a call to a KMS.
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            live.retain(|(subject, key_id, _)| match cache.get(subject.as_str()) {
+                Some(Cached {
+                    key: key @ SubjectKey::Live { key_id: cached, .. },
+                    ..
+                }) if cached == key_id => {
+                    out.insert(subject.clone(), key.clone());
+                    false
+                }
+                _ => true,
+            });
+        }
+        for (subject, key_id, row) in live {
             let wrapped = WrappedKey {
                 key_id: key_id.to_string(),
                 kek_version: row.try_get(2)?,
@@ -240,7 +270,13 @@ impl Keyring {
         Ok(out)
     }
 
-    async fn create(&self, pool: &PgPool, subjects: &[&str]) -> Result<(), StoreError> {
+    /// Creates data keys for `subjects`; returns those this call stored
+    /// (not those another writer stored first, nor erased subjects').
+    async fn create(
+        &self,
+        pool: &PgPool,
+        subjects: &[&str],
+    ) -> Result<HashMap<String, SubjectKey>, StoreError> {
         // Sorted and distinct: concurrent batches then take the unique
         // index's row locks in the same order. Unsorted, two batches with
         // common new subjects deadlocked, and PostgreSQL broke each
@@ -253,7 +289,8 @@ impl Keyring {
         let mut ids = Vec::with_capacity(subjects.len());
         let mut versions = Vec::with_capacity(subjects.len());
         let mut wrapped_keys = Vec::with_capacity(subjects.len());
-        for _ in subjects {
+        let mut keys = HashMap::with_capacity(subjects.len());
+        for subject in subjects {
             let key_id = Uuid::new_v4();
             let key = DataKey::generate_with_id(key_id.to_string());
             let wrapped =
@@ -263,42 +300,94 @@ impl Keyring {
             ids.push(key_id);
             versions.push(wrapped.kek_version);
             wrapped_keys.push(wrapped.ciphertext);
+            keys.insert(*subject, (key_id, key));
         }
         // An erased subject never gets a new key: its data stays erased.
-        sqlx::query(
+        let rows = sqlx::query(
             "INSERT INTO subject_keys (subject_id, key_id, kek_version, wrapped_key)
              SELECT s, k, v, w FROM unnest($1::text[], $2::uuid[], $3::text[], $4::bytea[])
                  WITH ORDINALITY AS t(s, k, v, w, n)
              WHERE NOT EXISTS (SELECT 1 FROM erased_subjects e WHERE e.subject_id = t.s)
              ORDER BY n
-             ON CONFLICT (subject_id) DO NOTHING",
+             ON CONFLICT (subject_id) DO NOTHING
+             RETURNING subject_id",
         )
         .bind(subjects)
         .bind(&ids)
         .bind(&versions)
         .bind(&wrapped_keys)
-        .execute(pool)
+        .fetch_all(pool)
         .await?;
-        Ok(())
+        let mut stored = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let subject: String = row.try_get(0)?;
+            if let Some((key_id, key)) = keys.remove(subject.as_str()) {
+                let key = SubjectKey::Live {
+                    key_id,
+                    key: Arc::new(key),
+                };
+                stored.insert(subject, key);
+            }
+        }
+        Ok(stored)
     }
 }
 
 /// A batch's events in stored form, by Kafka offset, plus the keys used.
 #[derive(Default)]
 pub struct Prepared {
-    rows: HashMap<i64, Result<StoredEvent, DeadLetterReason>>,
+    /// The events' Kafka offsets, in the order given to [`prepare`]
+    /// (increasing: a batch's events are in partition order).
+    offsets: Vec<i64>,
+    /// `rows[i]` is the stored form of the event at `offsets[i]`, until taken.
+    rows: Vec<Option<Result<StoredEvent, DeadLetterReason>>>,
     /// Live data keys the rows were encrypted with, and their subjects.
     keys_used: HashMap<Uuid, String>,
 }
 
+/// The vectors of [`Prepared`], kept between batches (see `recycle`).
+static PREPARED_ROWS: VecPool<Option<Result<StoredEvent, DeadLetterReason>>> =
+    VecPool::new(KEEP_SCRATCH, MAX_KEPT_ROWS);
+static PREPARED_OFFSETS: VecPool<i64> = VecPool::new(KEEP_SCRATCH, MAX_KEPT_ROWS);
+
+/// Rows per batch beyond which per-batch vectors are not kept.
+pub const MAX_KEPT_ROWS: usize = 16_384;
+
 impl Prepared {
+    fn with_capacity(events: usize) -> Self {
+        Self {
+            offsets: PREPARED_OFFSETS.take(events),
+            rows: PREPARED_ROWS.take(events),
+            keys_used: HashMap::new(),
+        }
+    }
+
+    fn push(&mut self, offset: i64, row: Result<StoredEvent, DeadLetterReason>) {
+        self.offsets.push(offset);
+        self.rows.push(Some(row));
+    }
+
     /// The stored form of the event at `offset`, or why it has none.
     pub fn take(&mut self, offset: i64) -> Result<StoredEvent, DeadLetterReason> {
-        self.rows.remove(&offset).unwrap_or_else(|| {
-            Err(DeadLetterReason::Unprotectable {
-                error: format!("offset {offset} was not prepared (internal error)"),
+        let index = match self.offsets.binary_search(&offset) {
+            Ok(index) => Some(index),
+            // Not in increasing order after all: look at every one.
+            Err(_) => self.offsets.iter().position(|o| *o == offset),
+        };
+        index
+            .and_then(|i| self.rows[i].take())
+            .unwrap_or_else(|| {
+                Err(DeadLetterReason::Unprotectable {
+                    error: format!("offset {offset} was not prepared (internal error)"),
+                })
             })
-        })
+    }
+}
+
+impl Drop for Prepared {
+    fn drop(&mut self) {
+        PREPARED_ROWS.give(std::mem::take(&mut self.rows));
+        PREPARED_OFFSETS.give(std::mem::take(&mut self.offsets));
     }
 }
 
@@ -346,8 +435,7 @@ pub async fn prepare(
         }
         None => HashMap::new(),
     };
-    let mut prepared = Prepared::default();
-    prepared.rows.reserve(events.len());
+    let mut prepared = Prepared::with_capacity(events.len());
     let mut rng = rand::thread_rng();
     for ((event, scanned), subject) in events.iter().zip(scans).zip(subjects) {
         let result = store_form(
@@ -361,7 +449,7 @@ pub async fn prepare(
             &mut rng,
             &mut prepared.keys_used,
         );
-        prepared.rows.insert(event.kafka_offset, result);
+        prepared.push(event.kafka_offset, result);
     }
     return_scratch(batch);
     Ok(prepared)
@@ -525,7 +613,7 @@ pub async fn prepare_reference(
                 &mut prepared.keys_used,
             ),
         };
-        prepared.rows.insert(event.kafka_offset, result);
+        prepared.push(event.kafka_offset, result);
     }
     Ok(prepared)
 }
@@ -820,10 +908,14 @@ normalize = "none"
             for subject in &forward {
                 match (ka.get(*subject), kb.get(*subject)) {
                     (
-                        Some(SubjectKey::Live { key_id: x, .. }),
-                        Some(SubjectKey::Live { key_id: y, .. }),
+                        Some(SubjectKey::Live { key_id: x, key: kx }),
+                        Some(SubjectKey::Live { key_id: y, key: ky }),
                     ) => {
-                        assert_eq!(x, y, "{subject}: two keys")
+                        assert_eq!(x, y, "{subject}: two keys");
+                        // The winner's key as created, the loser's as read
+                        // back and unwrapped: the same bytes.
+                        assert_eq!(kx.id(), ky.id(), "{subject}: key ids");
+                        assert_eq!(kx.expose_secret(), ky.expose_secret(), "{subject}: key bytes");
                     }
                     _ => panic!("{subject}: no live key"),
                 }
