@@ -95,6 +95,11 @@ pub struct Keyring {
     provider: Arc<dyn KeyProvider>,
     cache: Mutex<HashMap<String, Cached>>,
     swept: Mutex<Instant>,
+    /// Held while keys missing from the cache are read or created, so that
+    /// a node's partitions meeting the same new subjects at once (the usual
+    /// case at start-up) read, create and unwrap each key once, not once
+    /// per partition: an unwrap or wrap may be a call to a KMS.
+    fetching: tokio::sync::Mutex<()>,
 }
 
 impl Keyring {
@@ -103,6 +108,7 @@ impl Keyring {
             provider,
             cache: Mutex::new(HashMap::new()),
             swept: Mutex::new(Instant::now()),
+            fetching: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -125,7 +131,7 @@ impl Keyring {
 
     /// The cached keys of `subjects`, each looked up once, under one lock;
     /// and the subjects that have none.
-    fn cached<'s>(&self, subjects: &[&'s str]) -> (HashMap<String, SubjectKey>, Vec<&'s str>) {
+    fn cached<'s>(&self, subjects: &[&'s str]) -> (HashMap<&'s str, SubjectKey>, Vec<&'s str>) {
         let mut found = HashMap::with_capacity(subjects.len());
         let mut missing = Vec::new();
         let mut seen = HashSet::with_capacity(subjects.len());
@@ -136,7 +142,7 @@ impl Keyring {
             }
             match cache.get(subject) {
                 Some(c) if c.at.elapsed() < KEY_CACHE_TTL => {
-                    found.insert(subject.to_owned(), c.key.clone());
+                    found.insert(subject, c.key.clone());
                 }
                 Some(_) => {
                     cache.remove(subject);
@@ -158,14 +164,21 @@ impl Keyring {
 
     /// The data keys of `subjects`, creating those that do not exist yet
     /// (unless the subject was erased).
-    pub async fn resolve(
+    pub async fn resolve<'s>(
         &self,
         pool: &PgPool,
-        subjects: &[&str],
+        subjects: &[&'s str],
         create: bool,
-    ) -> Result<HashMap<String, SubjectKey>, StoreError> {
+    ) -> Result<HashMap<&'s str, SubjectKey>, StoreError> {
         self.sweep();
         let (mut out, missing) = self.cached(subjects);
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let _fetching = self.fetching.lock().await;
+        // Another batch may have fetched some of them meanwhile.
+        let (more, missing) = self.cached(&missing);
+        out.extend(more);
         if missing.is_empty() {
             return Ok(out);
         }
@@ -190,15 +203,17 @@ impl Keyring {
             }
         }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        for (subject, key) in found {
-            cache.insert(
-                subject.clone(),
-                Cached {
-                    key: key.clone(),
-                    at: Instant::now(),
-                },
-            );
-            out.insert(subject, key);
+        for subject in missing {
+            if let Some((owned, key)) = found.remove_entry(subject) {
+                cache.insert(
+                    owned,
+                    Cached {
+                        key: key.clone(),
+                        at: Instant::now(),
+                    },
+                );
+                out.insert(subject, key);
+            }
         }
         Ok(out)
     }
@@ -437,13 +452,13 @@ pub async fn prepare(
     };
     let mut prepared = Prepared::with_capacity(events.len());
     let mut rng = rand::thread_rng();
-    for ((event, scanned), subject) in events.iter().zip(scans).zip(subjects) {
+    for ((event, scanned), subject) in events.iter().zip(scans).zip(&subjects) {
         let result = store_form(
             protection,
             &keys,
             event,
             scanned,
-            subject,
+            subject.as_deref(),
             ingested_at,
             &mut batch,
             &mut rng,
@@ -452,6 +467,14 @@ pub async fn prepare(
         prepared.push(event.kafka_offset, result);
     }
     return_scratch(batch);
+    // The subjects move into their rows once the keys, which borrow them,
+    // are done with.
+    drop(keys);
+    for (row, subject) in prepared.rows.iter_mut().zip(subjects) {
+        if let Some(Ok(stored)) = row {
+            stored.subject_id = subject;
+        }
+    }
     Ok(prepared)
 }
 
@@ -483,10 +506,10 @@ fn return_scratch(mut batch: PayloadBatch) {
 #[allow(clippy::too_many_arguments)]
 fn store_form(
     protection: Option<&Protection>,
-    keys: &HashMap<String, SubjectKey>,
+    keys: &HashMap<&str, SubjectKey>,
     event: &Event,
     scanned: Result<Scanned<'_>, &str>,
-    subject: Option<String>,
+    subject: Option<&str>,
     ingested_at: DateTime<Utc>,
     batch: &mut PayloadBatch,
     rng: &mut rand::rngs::ThreadRng,
@@ -507,7 +530,7 @@ fn store_form(
     let treatment = match protection {
         None => Treatment::Plain,
         Some(protection) => {
-            let key_subject = subject.as_deref().unwrap_or(DEFAULT_SUBJECT);
+            let key_subject = subject.unwrap_or(DEFAULT_SUBJECT);
             match keys.get(key_subject) {
                 Some(SubjectKey::Live { key_id, key }) => {
                     key_used = Some((*key_id, key_subject));
@@ -542,7 +565,7 @@ fn store_form(
     }
     let mut stored =
         StoredEvent::from_event(event, sealed.text, ingested_at).map_err(|e| unprotectable(&e))?;
-    stored.subject_id = subject;
+    // `prepare` sets `subject_id`.
     stored.blind_index = sealed.blind_tokens;
     Ok(stored)
 }
@@ -597,7 +620,7 @@ pub async fn prepare_reference(
         None => HashMap::new(),
     };
     let mut buffer = Vec::with_capacity(2048);
-    for ((event, payload), subject) in events.iter().zip(payloads).zip(subjects) {
+    for ((event, payload), subject) in events.iter().zip(payloads).zip(subjects.clone()) {
         let result = match payload {
             Err(e) => Err(DeadLetterReason::Unprotectable {
                 error: format!("payload cannot be stored: {e}"),
@@ -621,7 +644,7 @@ pub async fn prepare_reference(
 #[allow(clippy::too_many_arguments)]
 fn reference_store_form(
     protection: Option<&Protection>,
-    keys: &HashMap<String, SubjectKey>,
+    keys: &HashMap<&str, SubjectKey>,
     event: &Event,
     mut payload: Value,
     subject: Option<String>,
