@@ -946,6 +946,79 @@ normalize = "none"
         }
     }
 
+    /// Counts the provider's wraps and unwraps (each may be a KMS call).
+    struct Counting {
+        inner: Arc<dyn KeyProvider>,
+        wraps: std::sync::atomic::AtomicUsize,
+        unwraps: std::sync::atomic::AtomicUsize,
+    }
+
+    #[async_trait::async_trait]
+    impl KeyProvider for Counting {
+        async fn wrap(&self, dk: &DataKey) -> Result<WrappedKey, protect::KeyError> {
+            self.wraps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.wrap(dk).await
+        }
+        async fn unwrap(&self, wrapped: &WrappedKey) -> Result<DataKey, protect::KeyError> {
+            self.unwraps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.inner.unwrap(wrapped).await
+        }
+        fn current_version(&self) -> String {
+            self.inner.current_version()
+        }
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+        fn blind_index_key(&self) -> Result<protect::BlindIndexKey, protect::KeyError> {
+            self.inner.blind_index_key()
+        }
+    }
+
+    /// Four partitions of one node meeting the same 300 new subjects at
+    /// once: each key is created (wrapped) once and never unwrapped again,
+    /// and all four batches get the same keys.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_node_creates_each_new_key_once() {
+        let db = TestDatabase::create().await.expect("test database");
+        let pool = PgPool::connect(&db.url).await.expect("connect");
+        let counting = Arc::new(Counting {
+            inner: Arc::new(
+                protect::EnvKeyProvider::from_values(
+                    "v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+                    None,
+                    "HxgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQAfHh0cGxo=",
+                )
+                .expect("keys"),
+            ),
+            wraps: Default::default(),
+            unwraps: Default::default(),
+        });
+        let keyring = Keyring::new(counting.clone());
+        let subjects: Vec<String> = (0..300).map(|i| format!("s{i}")).collect();
+        let forward: Vec<&str> = subjects.iter().map(String::as_str).collect();
+        let backward: Vec<&str> = forward.iter().rev().copied().collect();
+        let (a, b, c, d) = tokio::join!(
+            keyring.resolve(&pool, &forward, true),
+            keyring.resolve(&pool, &backward, true),
+            keyring.resolve(&pool, &forward, true),
+            keyring.resolve(&pool, &backward, true),
+        );
+        let batches = [a, b, c, d].map(|r| r.expect("resolve"));
+        for subject in &forward {
+            let ids: Vec<Uuid> = batches
+                .iter()
+                .map(|keys| match keys.get(subject) {
+                    Some(SubjectKey::Live { key_id, .. }) => *key_id,
+                    _ => panic!("{subject}: no live key"),
+                })
+                .collect();
+            assert!(ids.windows(2).all(|w| w[0] == w[1]), "{subject}: {ids:?}");
+        }
+        use std::sync::atomic::Ordering::SeqCst;
+        assert_eq!(counting.wraps.load(SeqCst), 300, "keys wrapped");
+        assert_eq!(counting.unwraps.load(SeqCst), 0, "keys unwrapped");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prepare_equals_the_reference_path() {
         let db = TestDatabase::create().await.expect("test database");
