@@ -29,6 +29,9 @@ DB="node_cpu_${LABEL}_$RANDOM"
 URL="postgres:///$DB?host=/var/run/postgresql"
 createdb "$DB"
 "$BIN" migrate --database-url "$URL" > /dev/null
+# AFTER_MIGRATE_SQL: run against the new database before the node starts
+# (e.g. drop an index to see what it costs).
+[ -n "${AFTER_MIGRATE_SQL:-}" ] && psql -q -d "$DB" -c "$AFTER_MIGRATE_SQL"
 "$BIN" run --brokers "$B" --topics bench --group-id g --database-url "$URL" \
   --api-addr 127.0.0.1:0 --group-protocol consumer "$@" > "$W/node.log" 2>&1 &
 NODE=$!

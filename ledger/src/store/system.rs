@@ -123,10 +123,12 @@ pub async fn erase_subject(
         ));
     }
     let mut tx = pool.begin().await?;
+    // Waits for writers that already checked their keys (store::protection);
+    // writers after this transaction find the key gone.
+    super::protection::lock_out_writers(&mut tx).await?;
     if let Some(done) = previous(&mut tx, subject_id).await? {
         return Ok((done, None));
     }
-    // Waits for writers that pinned this key (see store::protection).
     let key_id: Option<Uuid> =
         sqlx::query_scalar("DELETE FROM subject_keys WHERE subject_id = $1 RETURNING key_id")
             .bind(subject_id)
