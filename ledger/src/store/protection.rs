@@ -29,11 +29,11 @@ use uuid::Uuid;
 use super::chain::StoredEvent;
 use crate::envelope::{DeadLetterReason, Event};
 use crate::error::StoreError;
-use crate::recycle::VecPool;
 use crate::protect::{
     self, BlindIndexKey, DataKey, KeyProvider, PayloadBatch, PayloadError, Policy, ProtectError,
     Scanned, Treatment, WrappedKey,
 };
+use crate::recycle::VecPool;
 
 /// The data key of events without a data subject. It is never erased.
 pub const DEFAULT_SUBJECT: &str = "";
@@ -397,13 +397,11 @@ impl Prepared {
             // Not in increasing order after all: look at every one.
             Err(_) => self.offsets.iter().position(|o| *o == offset),
         };
-        index
-            .and_then(|i| self.rows[i].take())
-            .unwrap_or_else(|| {
-                Err(DeadLetterReason::Unprotectable {
-                    error: format!("offset {offset} was not prepared (internal error)"),
-                })
+        index.and_then(|i| self.rows[i].take()).unwrap_or_else(|| {
+            Err(DeadLetterReason::Unprotectable {
+                error: format!("offset {offset} was not prepared (internal error)"),
             })
+        })
     }
 }
 
@@ -792,6 +790,21 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
+    /// The key provider of these tests: fixed keys, never a real secret.
+    fn test_provider() -> protect::EnvKeyProvider {
+        protect::EnvKeyProvider::from_values(
+            "v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
+            None,
+            "HxgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQAfHh0cGxo=",
+        )
+        .expect("keys")
+    }
+
+    fn test_protection() -> Protection {
+        let policy = Policy::from_toml_str(POLICY).expect("policy");
+        Protection::new(policy, Arc::new(test_provider())).expect("protection")
+    }
+
     /// An ordinary event whose payload text is then replaced verbatim.
     fn event_with_payload(payload: &str) -> Event {
         let value = envelope("0b9c8a52-7f1e-4d6a-9c3e-2f8b1a4d5e60", "order-1", 1);
@@ -934,14 +947,7 @@ normalize = "none"
     async fn concurrent_key_creation_does_not_deadlock() {
         let db = TestDatabase::create().await.expect("test database");
         let pool = PgPool::connect(&db.url).await.expect("connect");
-        let provider: Arc<dyn KeyProvider> = Arc::new(
-            protect::EnvKeyProvider::from_values(
-                "v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-                None,
-                "HxgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQAfHh0cGxo=",
-            )
-            .expect("keys"),
-        );
+        let provider: Arc<dyn KeyProvider> = Arc::new(test_provider());
         for round in 0..10 {
             let subjects: Vec<String> = (0..300).map(|i| format!("r{round}-s{i}")).collect();
             let forward: Vec<&str> = subjects.iter().map(String::as_str).collect();
@@ -965,7 +971,11 @@ normalize = "none"
                         // The winner's key as created, the loser's as read
                         // back and unwrapped: the same bytes.
                         assert_eq!(kx.id(), ky.id(), "{subject}: key ids");
-                        assert_eq!(kx.expose_secret(), ky.expose_secret(), "{subject}: key bytes");
+                        assert_eq!(
+                            kx.expose_secret(),
+                            ky.expose_secret(),
+                            "{subject}: key bytes"
+                        );
                     }
                     _ => panic!("{subject}: no live key"),
                 }
@@ -987,7 +997,8 @@ normalize = "none"
             self.inner.wrap(dk).await
         }
         async fn unwrap(&self, wrapped: &WrappedKey) -> Result<DataKey, protect::KeyError> {
-            self.unwraps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            self.unwraps
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             self.inner.unwrap(wrapped).await
         }
         fn current_version(&self) -> String {
@@ -1009,14 +1020,7 @@ normalize = "none"
         let db = TestDatabase::create().await.expect("test database");
         let pool = PgPool::connect(&db.url).await.expect("connect");
         let counting = Arc::new(Counting {
-            inner: Arc::new(
-                protect::EnvKeyProvider::from_values(
-                    "v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-                    None,
-                    "HxgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQAfHh0cGxo=",
-                )
-                .expect("keys"),
-            ),
+            inner: Arc::new(test_provider()),
             wraps: Default::default(),
             unwraps: Default::default(),
         });
@@ -1052,17 +1056,9 @@ normalize = "none"
     async fn an_erasure_waits_for_writers_past_their_key_check() {
         let db = TestDatabase::create().await.expect("test database");
         let pool = PgPool::connect(&db.url).await.expect("connect");
-        let provider = protect::EnvKeyProvider::from_values(
-            "v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-            None,
-            "HxgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQAfHh0cGxo=",
-        )
-        .expect("keys");
-        let policy = Policy::from_toml_str(POLICY).expect("policy");
-        let protection = Protection::new(policy, Arc::new(provider)).expect("protection");
-        let event = event_with_payload(
-            r#"{"customer": {"id": "customer-1", "email": "one@example.com"}}"#,
-        );
+        let protection = test_protection();
+        let event =
+            event_with_payload(r#"{"customer": {"id": "customer-1", "email": "one@example.com"}}"#);
         let prepared = prepare(Some(&protection), &pool, &[&event])
             .await
             .expect("prepare");
@@ -1095,8 +1091,14 @@ normalize = "none"
             if waiting {
                 break;
             }
-            assert!(!erasure.is_finished(), "the erasure did not wait for the writer");
-            assert!(Instant::now() < deadline, "the erasure never queued for the lock");
+            assert!(
+                !erasure.is_finished(),
+                "the erasure did not wait for the writer"
+            );
+            assert!(
+                Instant::now() < deadline,
+                "the erasure never queued for the lock"
+            );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         writer.commit().await.expect("the writer commits first");
@@ -1108,7 +1110,10 @@ normalize = "none"
         let mut late = pool.begin().await.expect("begin");
         match pin_keys(&mut late, &prepared, Some(&protection)).await {
             Err(StoreError::Conflict(message)) => {
-                assert!(message.contains("erased while it was prepared"), "{message}")
+                assert!(
+                    message.contains("erased while it was prepared"),
+                    "{message}"
+                )
             }
             Err(other) => panic!("expected a conflict, got {other}"),
             Ok(()) => panic!("a writer stored ciphertext under an erased subject's destroyed key"),
@@ -1119,14 +1124,7 @@ normalize = "none"
     async fn prepare_equals_the_reference_path() {
         let db = TestDatabase::create().await.expect("test database");
         let pool = PgPool::connect(&db.url).await.expect("connect");
-        let provider = protect::EnvKeyProvider::from_values(
-            "v1:AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8=",
-            None,
-            "HxgXFhUUExIREA8ODQwLCgkIBwYFBAMCAQAfHh0cGxo=",
-        )
-        .expect("keys");
-        let policy = Policy::from_toml_str(POLICY).expect("policy");
-        let protection = Protection::new(policy, Arc::new(provider)).expect("protection");
+        let protection = test_protection();
         let mut rng = StdRng::seed_from_u64(2026);
         let events: Vec<Event> = (0..600).map(|i| random_event(&mut rng, i)).collect();
         let refs: Vec<&Event> = events.iter().collect();
