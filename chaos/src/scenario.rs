@@ -42,6 +42,7 @@ pub struct Faults {
     pub source_fault: Option<(i32, SourceFault)>,
     pub rebalance: Option<Rebalance>,
     pub lost_acks: Option<LostAcks>,
+    pub reassign: Option<Reassign>,
     /// Every n-th fetch of every source of the first consumer fails with a
     /// transient error (except the partition with `source_fault`).
     pub transient_every: Option<u64>,
@@ -62,6 +63,19 @@ pub struct Rebalance {
     pub partition: i32,
     pub at: Duration,
     pub overlap: Duration,
+}
+
+/// At `at`, the next write of `partition` stalls for `stall`; shortly after,
+/// the first consumer is told the partition was revoked and assigned to it
+/// again, with the same source: librdkafka's partition queue, which a new
+/// actor shares with a predecessor still finishing its step. With a stall
+/// longer than the consumer's wait for the predecessor (5 s), both actors
+/// read, seek and write the partition at once.
+#[derive(Debug, Clone, Copy)]
+pub struct Reassign {
+    pub partition: i32,
+    pub at: Duration,
+    pub stall: Duration,
 }
 
 /// At `at`, the next `count` successful writes lose their acknowledgement.
@@ -126,6 +140,7 @@ impl Scenario {
                 at: ms(rng.gen_range(650..850)),
                 count: rng.gen_range(1..4),
             }),
+            reassign: None,
             transient_every: None,
             bug: None,
         };
@@ -239,6 +254,8 @@ enum Action {
     LoseAcks(u32),
     Assign(i32),
     Revoke(i32),
+    StallNextWrite(i32, Duration),
+    Reassign(i32),
 }
 
 /// The software of the simulated host.
@@ -263,6 +280,15 @@ impl Node {
         if let Some(r) = self.faults.rebalance {
             actions.push((r.at, Action::Assign(r.partition)));
             actions.push((r.at + r.overlap, Action::Revoke(r.partition)));
+        }
+        if let Some(r) = self.faults.reassign {
+            actions.push((r.at, Action::StallNextWrite(r.partition, r.stall)));
+            // Batches are written every few milliseconds: by then the
+            // stalled write has started.
+            actions.push((
+                r.at + Duration::from_millis(100),
+                Action::Reassign(r.partition),
+            ));
         }
         actions.sort_by_key(|(at, _)| *at);
         actions
@@ -323,6 +349,17 @@ impl Node {
                 Action::Revoke(p) => a
                     .send_message(ConsumerMsg::Revoked(vec![(TOPIC.to_string(), p)]))
                     .map_err(|e| format!("revoke: {e}"))?,
+                Action::StallNextWrite(p, duration) => self.store.stall_next_write_of(p, duration),
+                Action::Reassign(p) => {
+                    a.send_message(ConsumerMsg::Revoked(vec![(TOPIC.to_string(), p)]))
+                        .map_err(|e| format!("revoke: {e}"))?;
+                    a.send_message(ConsumerMsg::Assigned(vec![Assignment {
+                        topic: TOPIC.to_string(),
+                        partition: p,
+                        source: sources_a[p as usize].clone(),
+                    }]))
+                    .map_err(|e| format!("reassign: {e}"))?;
+                }
             }
         }
 

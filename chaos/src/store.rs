@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use audit_ledger::store::MemoryStore;
@@ -30,6 +31,8 @@ pub struct WriterStats {
     pub acks_lost: u32,
     /// Writes the planted bug changed.
     pub bug_fired: u32,
+    /// Writes held back by `stall_next_write_of` before they ran.
+    pub stalled: u32,
 }
 
 pub struct ChaosStore {
@@ -37,6 +40,8 @@ pub struct ChaosStore {
     acks_to_lose: AtomicU32,
     bug: Option<PlantedBug>,
     bug_fired: AtomicBool,
+    /// The next write of this partition waits this long before it runs.
+    stall: Mutex<Option<(i32, Duration)>>,
     stats: Mutex<BTreeMap<String, WriterStats>>,
 }
 
@@ -47,6 +52,7 @@ impl ChaosStore {
             acks_to_lose: AtomicU32::new(0),
             bug,
             bug_fired: AtomicBool::new(false),
+            stall: Mutex::default(),
             stats: Mutex::default(),
         }
     }
@@ -63,6 +69,12 @@ impl ChaosStore {
     /// The next `n` successful writes commit, then report a lost connection.
     pub fn lose_next_acks(&self, n: u32) {
         self.acks_to_lose.store(n, Ordering::SeqCst);
+    }
+
+    /// The next write of `partition` waits `duration` (virtual time) before
+    /// it runs, as a transaction stuck on a lock or a slow disk would.
+    pub fn stall_next_write_of(&self, partition: i32, duration: Duration) {
+        *self.stall.lock().unwrap_or_else(|e| e.into_inner()) = Some((partition, duration));
     }
 
     /// Outcomes per writer (the node id of each consumer).
@@ -120,6 +132,20 @@ impl EventStore for ChaosStore {
 
     async fn write_batch(&self, write: WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
         let writer = write.writer;
+        let stall = {
+            let mut stall = self.stall.lock().unwrap_or_else(|e| e.into_inner());
+            match *stall {
+                Some((partition, duration)) if partition == write.key.partition => {
+                    *stall = None;
+                    Some(duration)
+                }
+                _ => None,
+            }
+        };
+        if let Some(duration) = stall {
+            self.count(writer, |s| s.stalled += 1);
+            tokio::time::sleep(duration).await;
+        }
         let result = self.write_with_bug(write).await;
         match &result {
             Ok(WriteOutcome::Committed(_)) => {

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use audit_chaos::scenario::{LostAcks, NODE_A, NODE_B};
+use audit_chaos::scenario::{LostAcks, Reassign, NODE_A, NODE_B};
 use audit_chaos::{replay_command, seed_from_env, Outcome, PlantedBug, Scenario};
 
 const DEFAULT_SEED: u64 = 20_261_127;
@@ -217,6 +217,56 @@ fn transient_source_errors_lose_nothing() {
         .sum();
     assert!(transient > 0, "no transient error was injected");
     assert!(outcome.completed, "seed {seed}: did not complete");
+    if let Err(violations) = outcome.check() {
+        panic!("seed {seed}: {violations}");
+    }
+}
+
+/// Timeline (virtual time):
+///   0.5 s    the next write of the partition stalls for 6 s (a stuck
+///            transaction); 0.1 s later the partition is revoked from and
+///            assigned to the same consumer again, with the same source
+///            (librdkafka's queue of that partition)
+///   5.6 s    the consumer has waited 5 s for the old actor to stop; the new
+///            actor starts anyway, seeks to the stored offset and writes
+///   6.5 s    the old actor's write runs: the offset moved, it is fenced
+///            (and may seek the shared queue before it sees its stop)
+/// Every record is stored exactly once, in order.
+#[test]
+fn a_reassigned_partition_shared_with_a_stuck_predecessor_stays_exact() {
+    let seed = seed("a_reassigned_partition_shared_with_a_stuck_predecessor_stays_exact");
+    let mut scenario = Scenario::quiet(seed);
+    scenario.records_per_partition = 1_000;
+    scenario.faults.reassign = Some(Reassign {
+        partition: 1,
+        at: Duration::from_millis(500),
+        stall: Duration::from_secs(6),
+    });
+    scenario.deadline = Duration::from_secs(40);
+    let outcome = run(&scenario);
+
+    let a = outcome
+        .store
+        .stats()
+        .get(NODE_A)
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(a.stalled, 1, "seed {seed}: the stall did not happen: {a:?}");
+    assert!(
+        a.fenced >= 1,
+        "seed {seed}: the old actor's stuck write was not fenced, so the two actors did not overlap: {a:?}"
+    );
+    let seeks = outcome.source(NODE_A, 1).map_or(0, |s| s.seeks.len());
+    assert!(
+        seeks >= 2,
+        "seed {seed}: the new actor did not seek the shared source ({seeks} seeks)"
+    );
+    assert!(outcome.completed, "seed {seed}: did not complete");
+    assert!(
+        outcome.consumer_failures.is_empty(),
+        "seed {seed}: {:?}",
+        outcome.consumer_failures
+    );
     if let Err(violations) = outcome.check() {
         panic!("seed {seed}: {violations}");
     }
