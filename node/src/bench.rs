@@ -8,7 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use audit_ledger::store::postgres::{self, local_database_url, COPY_EVENTS};
+use audit_ledger::store::postgres::{
+    self, local_database_url, COPY_BINARY_HEADER, COPY_BINARY_TRAILER, COPY_EVENTS,
+    COPY_EVENTS_BINARY,
+};
 use rand::Rng;
 use sqlx::{ConnectOptions, Connection};
 
@@ -264,18 +267,19 @@ fn database_url(server: &Option<String>, name: &str) -> String {
     }
 }
 
-/// COPY text of every stored row of `events` and `event_ids`, in chunks of
-/// `batch` events (each chunk: those events and their ids).
-async fn stored_chunks(url: &str, batch: usize) -> anyhow::Result<Vec<(String, String)>> {
+/// Every stored row of `events` and `event_ids` in COPY's binary format (as
+/// the node writes events), in chunks of `batch` events (each chunk: those
+/// events and their ids, each a complete COPY stream).
+async fn stored_chunks(url: &str, batch: usize) -> anyhow::Result<Vec<(Vec<u8>, Vec<u8>)>> {
     use futures::TryStreamExt as _;
     let mut conn = postgres::connect_options(url)?.connect().await?;
-    async fn read(conn: &mut sqlx::PgConnection, sql: String) -> anyhow::Result<String> {
+    async fn read(conn: &mut sqlx::PgConnection, sql: String) -> anyhow::Result<Vec<u8>> {
         let mut out = Vec::new();
         let mut stream = conn.copy_out_raw(&sql).await?;
         while let Some(bytes) = stream.try_next().await? {
             out.extend_from_slice(&bytes);
         }
-        Ok(String::from_utf8(out)?)
+        Ok(out)
     }
     let columns = COPY_EVENTS
         .trim_start_matches("COPY events (")
@@ -284,35 +288,65 @@ async fn stored_chunks(url: &str, batch: usize) -> anyhow::Result<Vec<(String, S
     let events = read(
         &mut conn,
         format!(
-            "COPY (SELECT {columns} FROM events ORDER BY kafka_partition, kafka_offset) TO STDOUT"
+            "COPY (SELECT {columns} FROM events ORDER BY kafka_partition, kafka_offset) TO STDOUT (FORMAT binary)"
         ),
     )
     .await?;
     let ids = read(
         &mut conn,
-        "COPY (SELECT e.* FROM event_ids e ORDER BY kafka_partition, kafka_offset) TO STDOUT"
+        "COPY (SELECT e.* FROM event_ids e ORDER BY kafka_partition, kafka_offset) TO STDOUT (FORMAT binary)"
             .into(),
     )
     .await?;
     let _ = conn.close().await;
-    // COPY text rows end with '\n'; newlines inside values are escaped.
-    let split = |text: &str| -> Vec<String> {
-        let lines: Vec<&str> = text.lines().collect();
-        lines
-            .chunks(batch.max(1))
-            .map(|c| {
-                let mut s = c.join("\n");
-                s.push('\n');
-                s
-            })
-            .collect()
-    };
-    let (events, ids) = (split(&events), split(&ids));
+    let (events, ids) = (binary_chunks(&events, batch)?, binary_chunks(&ids, batch)?);
     anyhow::ensure!(
         events.len() == ids.len(),
         "events and event_ids differ in size"
     );
     Ok(events.into_iter().zip(ids).collect())
+}
+
+/// Splits one binary COPY stream into streams of `batch` rows each.
+fn binary_chunks(stream: &[u8], batch: usize) -> anyhow::Result<Vec<Vec<u8>>> {
+    let read_i32 = |at: usize| -> anyhow::Result<i32> {
+        let bytes = stream
+            .get(at..at + 4)
+            .context("binary COPY stream cut short")?;
+        Ok(i32::from_be_bytes(bytes.try_into()?))
+    };
+    anyhow::ensure!(
+        stream.starts_with(&COPY_BINARY_HEADER[..11]),
+        "not a binary COPY stream"
+    );
+    // Signature (11 bytes), flags, then the header extension's length.
+    let mut at = 19 + usize::try_from(read_i32(15)?)?;
+    let mut rows = Vec::new();
+    loop {
+        let count = stream
+            .get(at..at + 2)
+            .context("binary COPY stream cut short")?;
+        let count = i16::from_be_bytes(count.try_into()?);
+        if count == -1 {
+            break;
+        }
+        let start = at;
+        at += 2;
+        for _ in 0..count {
+            let len = read_i32(at)?;
+            at += 4 + usize::try_from(len.max(0))?;
+        }
+        rows.push(start..at);
+    }
+    Ok(rows
+        .chunks(batch.max(1))
+        .map(|chunk| {
+            let mut out = COPY_BINARY_HEADER.to_vec();
+            out.extend_from_slice(&stream[chunk[0].start..chunk[chunk.len() - 1].end]);
+            out.extend_from_slice(COPY_BINARY_TRAILER);
+            out
+        })
+        .collect())
 }
 
 fn process_cpu_seconds() -> f64 {
@@ -329,7 +363,7 @@ fn process_cpu_seconds() -> f64 {
 /// per chunk plus one offsets-table update (the shape of a node's batch).
 async fn copy_ceiling(
     url: &str,
-    chunks: Arc<Vec<(String, String)>>,
+    chunks: Arc<Vec<(Vec<u8>, Vec<u8>)>>,
     streams: usize,
 ) -> anyhow::Result<f64> {
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -352,11 +386,11 @@ async fn copy_ceiling(
                 let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let Some((events, ids)) = chunks.get(i) else { break };
                 let mut tx = conn.begin().await?;
-                let mut copy = tx.copy_in_raw(COPY_EVENTS).await?;
-                copy.send(events.as_bytes()).await?;
+                let mut copy = tx.copy_in_raw(COPY_EVENTS_BINARY).await?;
+                copy.send(events.as_slice()).await?;
                 copy.finish().await?;
-                let mut copy = tx.copy_in_raw("COPY event_ids FROM STDIN").await?;
-                copy.send(ids.as_bytes()).await?;
+                let mut copy = tx.copy_in_raw("COPY event_ids FROM STDIN (FORMAT binary)").await?;
+                copy.send(ids.as_slice()).await?;
                 copy.finish().await?;
                 sqlx::query(
                     "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset) VALUES ('ceiling', 'bench', $1, $2)
