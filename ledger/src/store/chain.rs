@@ -264,7 +264,9 @@ pub fn encode_copy_row_binary(out: &mut Vec<u8>, event: &StoredEvent) {
     }
     int8(out, event.kafka_offset);
     text(out, Some(&event.chain_id));
-    int8(out, i64::try_from(event.chain_position).ok());
+    // As a bigint; a position beyond i64::MAX (never reached) reads as
+    // negative and fails the column's CHECK, as its text form fails input.
+    field(out, &event.chain_position.to_be_bytes());
     field(out, &event.hash);
     // text[]: dimensions, has-nulls flag, element type, then per dimension
     // its length and lower bound (1), then the elements.
