@@ -7,15 +7,10 @@ use uuid::Uuid;
 
 use crate::envelope::{self, DeadLetter, DeadLetterReason, Event, ParseOptions};
 use crate::record::RawRecord;
-use crate::recycle::VecPool;
+use crate::recycle::{VecPool, KEEP_PER_BATCH, MAX_KEPT_ROWS};
 
-/// Batches a node has in flight at once, about: how many vectors of each
-/// kind the pools below keep.
-const KEEP: usize = 8;
-/// Batches larger than this do not give their vectors back.
-const MAX_KEPT: usize = 16_384;
-static RECORDS: VecPool<RawRecord> = VecPool::new(KEEP, MAX_KEPT);
-static ITEMS: VecPool<Result<Event, DeadLetter>> = VecPool::new(KEEP, MAX_KEPT);
+static RECORDS: VecPool<RawRecord> = VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS);
+static ITEMS: VecPool<Result<Event, DeadLetter>> = VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS);
 
 /// An empty vector for a source to read a batch's records into: reused
 /// from an earlier batch when one is free (see `recycle`).

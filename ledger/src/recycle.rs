@@ -8,6 +8,12 @@
 
 use std::sync::Mutex;
 
+/// Vectors kept per kind of batch buffer: the batches a node has in flight
+/// at once by default (`max_inflight_batches`).
+pub const KEEP_PER_BATCH: usize = 8;
+/// Batches of more rows than this do not give their vectors back.
+pub const MAX_KEPT_ROWS: usize = 16_384;
+
 pub struct VecPool<T> {
     kept: Mutex<Vec<Vec<T>>>,
     /// Vectors kept at most: about the batches a node has in flight.

@@ -24,7 +24,7 @@ use crate::canonical::GENESIS;
 use crate::envelope::{DeadLetter, DeadLetterReason, Event};
 use crate::error::StoreError;
 use crate::merkle::CompactRange;
-use crate::recycle::VecPool;
+use crate::recycle::{VecPool, KEEP_PER_BATCH, MAX_KEPT_ROWS};
 
 pub use super::chain::{
     encode_copy_row, encode_copy_row_binary, COPY_BINARY_HEADER, COPY_BINARY_TRAILER, COPY_EVENTS,
@@ -292,7 +292,7 @@ impl PgEventStore {
 }
 
 /// A batch's rows, kept between batches (see `recycle`).
-static STORED_ROWS: VecPool<StoredEvent> = VecPool::new(8, protection::MAX_KEPT_ROWS);
+static STORED_ROWS: VecPool<StoredEvent> = VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS);
 
 #[async_trait]
 impl EventStore for PgEventStore {
@@ -652,18 +652,13 @@ pub(crate) async fn copy_rows(
     rows: &[StoredEvent],
 ) -> Result<(), StoreError> {
     const CHUNK: usize = 256 * 1024;
-    /// Buffers kept for later calls (one per connection writing at once).
-    const KEEP: usize = 8;
-    static BUFFERS: std::sync::Mutex<Vec<Vec<u8>>> = std::sync::Mutex::new(Vec::new());
+    /// Buffers kept for later calls (one per connection writing at once);
+    /// one a huge row grew is not kept.
+    static BUFFERS: VecPool<u8> = VecPool::new(KEEP_PER_BATCH, 4 * CHUNK);
     if rows.is_empty() {
         return Ok(());
     }
-    let mut buffer = BUFFERS
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pop()
-        .unwrap_or_else(|| Vec::with_capacity(CHUNK + 16 * 1024));
-    buffer.clear();
+    let mut buffer = BUFFERS.take(CHUNK + 16 * 1024);
     buffer.extend_from_slice(COPY_BINARY_HEADER);
     let mut copy = conn.copy_in_raw(COPY_EVENTS_BINARY).await?;
     for (i, row) in rows.iter().enumerate() {
@@ -681,13 +676,7 @@ pub(crate) async fn copy_rows(
         buffer.clear();
     }
     copy.finish().await?;
-    // A huge row may have grown it: keep only buffers of the usual size.
-    if buffer.capacity() <= 4 * CHUNK {
-        let mut buffers = BUFFERS.lock().unwrap_or_else(|p| p.into_inner());
-        if buffers.len() < KEEP {
-            buffers.push(buffer);
-        }
-    }
+    BUFFERS.give(buffer);
     Ok(())
 }
 

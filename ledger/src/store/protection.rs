@@ -33,7 +33,7 @@ use crate::protect::{
     self, BlindIndexKey, DataKey, KeyProvider, PayloadBatch, PayloadError, Policy, ProtectError,
     Scanned, Treatment, WrappedKey,
 };
-use crate::recycle::VecPool;
+use crate::recycle::{VecPool, KEEP_PER_BATCH, MAX_KEPT_ROWS};
 
 /// The data key of events without a data subject. It is never erased.
 pub const DEFAULT_SUBJECT: &str = "";
@@ -370,11 +370,8 @@ pub struct Prepared {
 
 /// The vectors of [`Prepared`], kept between batches (see `recycle`).
 static PREPARED_ROWS: VecPool<Option<Result<StoredEvent, DeadLetterReason>>> =
-    VecPool::new(KEEP_SCRATCH, MAX_KEPT_ROWS);
-static PREPARED_OFFSETS: VecPool<i64> = VecPool::new(KEEP_SCRATCH, MAX_KEPT_ROWS);
-
-/// Rows per batch beyond which per-batch vectors are not kept.
-pub const MAX_KEPT_ROWS: usize = 16_384;
+    VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS);
+static PREPARED_OFFSETS: VecPool<i64> = VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS);
 
 impl Prepared {
     fn with_capacity(events: usize) -> Self {
@@ -490,11 +487,9 @@ fn reserved(json: &str) -> bool {
     (json.contains("private") || json.contains("\\u")) && crate::canonical::uses_private_keys(json)
 }
 
-/// Scratch space of [`prepare`], reused by later batches.
+/// Scratch space of [`prepare`], reused by later batches (at most
+/// `KEEP_PER_BATCH`).
 static SCRATCH: Mutex<Vec<PayloadBatch>> = Mutex::new(Vec::new());
-
-/// Batches in flight at once, per node: the pool keeps no more.
-const KEEP_SCRATCH: usize = 8;
 
 fn take_scratch() -> PayloadBatch {
     let mut pool = SCRATCH.lock().unwrap_or_else(|p| p.into_inner());
@@ -504,7 +499,7 @@ fn take_scratch() -> PayloadBatch {
 fn return_scratch(mut batch: PayloadBatch) {
     batch.clear();
     let mut pool = SCRATCH.lock().unwrap_or_else(|p| p.into_inner());
-    if pool.len() < KEEP_SCRATCH {
+    if pool.len() < KEEP_PER_BATCH {
         pool.push(batch);
     }
 }
