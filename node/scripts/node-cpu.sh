@@ -52,6 +52,7 @@ pg_ticks() {
   echo "$t"
 }
 PG0=$(pg_ticks)
+MOCK0=$(awk '{print $14 + $15}' "/proc/$MOCK/stat")
 START=$(date +%s.%N)
 until [ "$(psql -d "$DB" -Atc 'SELECT coalesce(sum(next_offset), 0) FROM consumer_offsets' 2>/dev/null || echo 0)" -ge "$EVENTS" ]; do
   if ! kill -0 "$NODE" 2>/dev/null; then echo "node-cpu: the node exited:" >&2; tail -5 "$W/node.log" >&2; exit 1; fi
@@ -59,8 +60,11 @@ until [ "$(psql -d "$DB" -Atc 'SELECT coalesce(sum(next_offset), 0) FROM consume
 done
 END=$(date +%s.%N)
 PG1=$(pg_ticks)
+MOCK1=$(awk '{print $14 + $15}' "/proc/$MOCK/stat")
+HWM=$(awk '/VmHWM/ {print int($2 / 1024)}' "/proc/$NODE/status")
 [ -n "${PERFPID:-}" ] && kill -INT "$PERFPID" && wait "$PERFPID" || true
 read -r UT ST < <(awk '{print $14, $15}' "/proc/$NODE/stat")
 HZ=$(getconf CLK_TCK)
 awk -v ut="$UT" -v st="$ST" -v hz="$HZ" -v n="$EVENTS" -v s="$START" -v e="$END" -v l="$LABEL" -v pg=$((PG1 - PG0)) \
-  'BEGIN { cpu = (ut + st) / hz; printf "%s: node CPU %.2f s = %.1f µs/event; PostgreSQL %.1f µs/event; wall %.2f s\n", l, cpu, cpu * 1e6 / n, pg / hz * 1e6 / n, e - s }'
+  -v mock=$((MOCK1 - MOCK0)) -v hwm="$HWM" \
+  'BEGIN { cpu = (ut + st) / hz; printf "%s: node CPU %.2f s = %.1f µs/event; PostgreSQL %.1f µs/event; wall %.2f s; mock cluster %.1f µs/event; node peak RSS %d MB\n", l, cpu, cpu * 1e6 / n, pg / hz * 1e6 / n, e - s, mock / hz * 1e6 / n, hwm }'

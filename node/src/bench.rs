@@ -78,6 +78,14 @@ struct Report {
     copy_seconds: f64,
     copy_rows_per_s: f64,
     ratio: f64,
+    /// CPU per event in each phase: this process (node and mock cluster,
+    /// or the COPY client) and the rest of the machine (PostgreSQL).
+    ingest_process_cpu_us: f64,
+    ingest_other_cpu_us: f64,
+    ingest_busy: f64,
+    copy_process_cpu_us: f64,
+    copy_other_cpu_us: f64,
+    copy_busy: f64,
 }
 
 async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
@@ -167,6 +175,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         )?)
     };
     let cpu_before = process_cpu_seconds();
+    let machine_before = MachineCpu::now();
     let started = Instant::now();
     let running = node::start(
         NodeSettings {
@@ -199,11 +208,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ingest_seconds = started.elapsed().as_secs_f64();
-    let cpu_seconds = process_cpu_seconds() - cpu_before;
-    eprintln!(
-        "bench: this process (node + mock cluster) used {:.1} µs of CPU per event",
-        cpu_seconds * 1e6 / args.events as f64
-    );
+    let ingest_cpu = PhaseCpu::since(cpu_before, &machine_before);
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&pool)
         .await?;
@@ -222,8 +227,10 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let chunks = Arc::new(stored_chunks(&ingest_db, args.copy_batch).await?);
 
     eprintln!("bench: ceiling: COPY with {copy_streams} parallel streams");
+    let cpu_before = process_cpu_seconds();
+    let machine_before = MachineCpu::now();
     let copy_seconds = copy_ceiling(&copy_db, chunks, copy_streams).await?;
-    let _ = cpu_seconds;
+    let copy_cpu = PhaseCpu::since(cpu_before, &machine_before);
 
     if !args.keep_databases {
         for url in [&ingest_db, &copy_db] {
@@ -241,11 +248,23 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         copy_seconds,
         copy_rows_per_s: n / copy_seconds,
         ratio: copy_seconds / ingest_seconds,
+        ingest_process_cpu_us: ingest_cpu.process * 1e6 / n,
+        ingest_other_cpu_us: ingest_cpu.other() * 1e6 / n,
+        ingest_busy: ingest_cpu.busy(),
+        copy_process_cpu_us: copy_cpu.process * 1e6 / n,
+        copy_other_cpu_us: copy_cpu.other() * 1e6 / n,
+        copy_busy: copy_cpu.busy(),
     };
     println!(
         "ingest: {:.0} events/s ({} events in {:.2}s)\nceiling: {:.0} rows/s (COPY, {} streams, {} rows per transaction, {:.2}s)\nratio ingest/ceiling: {:.2}",
         report.ingest_events_per_s, report.events, report.ingest_seconds, report.copy_rows_per_s, report.copy_streams,
         report.copy_batch, report.copy_seconds, report.ratio
+    );
+    println!(
+        "CPU per event: ingest {:.1} µs in this process (node, mock cluster) + {:.1} µs elsewhere (PostgreSQL), cores {:.0}% busy\n\
+         CPU per row:   COPY {:.1} µs in this process (client) + {:.1} µs elsewhere (PostgreSQL), cores {:.0}% busy",
+        report.ingest_process_cpu_us, report.ingest_other_cpu_us, report.ingest_busy * 100.0,
+        report.copy_process_cpu_us, report.copy_other_cpu_us, report.copy_busy * 100.0
     );
     println!("{}", serde_json::to_string(&report)?);
     Ok(())
@@ -357,6 +376,71 @@ fn process_cpu_seconds() -> f64 {
     }
     let secs = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
     secs(usage.ru_utime) + secs(usage.ru_stime)
+}
+
+/// The machine's CPU time from /proc/stat, in seconds: busy (everything but
+/// idle and I/O wait) and total.
+struct MachineCpu {
+    busy: f64,
+    total: f64,
+}
+
+impl MachineCpu {
+    fn now() -> Self {
+        let ticks = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|stat| {
+                let line = stat.lines().next()?.strip_prefix("cpu ")?.to_string();
+                Some(
+                    line.split_whitespace()
+                        .filter_map(|t| t.parse::<f64>().ok())
+                        .collect::<Vec<_>>(),
+                )
+            })
+            .unwrap_or_default();
+        // user nice system idle iowait irq softirq steal ...; guest time is
+        // already in user.
+        let total: f64 = ticks.iter().take(8).sum();
+        let idle = ticks.get(3).copied().unwrap_or(0.0) + ticks.get(4).copied().unwrap_or(0.0);
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        Self {
+            busy: (total - idle) / hz,
+            total: total / hz,
+        }
+    }
+}
+
+/// CPU used during one phase of the benchmark.
+struct PhaseCpu {
+    process: f64,
+    machine_busy: f64,
+    machine_total: f64,
+}
+
+impl PhaseCpu {
+    fn since(process_before: f64, machine_before: &MachineCpu) -> Self {
+        let now = MachineCpu::now();
+        Self {
+            process: process_cpu_seconds() - process_before,
+            machine_busy: now.busy - machine_before.busy,
+            machine_total: now.total - machine_before.total,
+        }
+    }
+
+    /// CPU of every other process (here: PostgreSQL).
+    fn other(&self) -> f64 {
+        (self.machine_busy - self.process).max(0.0)
+    }
+
+    /// Share of the machine's cores that were busy.
+    fn busy(&self) -> f64 {
+        if self.machine_total > 0.0 {
+            self.machine_busy / self.machine_total
+        } else {
+            0.0
+        }
+    }
 }
 
 /// COPY every chunk with `streams` connections in parallel, one transaction

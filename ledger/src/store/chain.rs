@@ -196,26 +196,29 @@ const PG_EPOCH_MICROS: i64 = 946_684_800_000_000;
 /// The type OID of `text`, for the `text[]` array's header.
 const TEXT_OID: u32 = 25;
 
-/// Appends one row of [`COPY_EVENTS_BINARY`] (after [`COPY_BINARY_HEADER`];
-/// end the stream with [`COPY_BINARY_TRAILER`]). The same values as
-/// [`encode_copy_row`] writes as text, which the tests check.
-pub fn encode_copy_row_binary(out: &mut Vec<u8>, event: &StoredEvent) {
-    fn field(out: &mut Vec<u8>, bytes: &[u8]) {
+/// Field writers of COPY's binary format: each value is its length (i32,
+/// big-endian; -1 for NULL) followed by the type's binary form.
+mod binary {
+    use super::PG_EPOCH_MICROS;
+    use chrono::{DateTime, Utc};
+    use uuid::Uuid;
+
+    pub(super) fn field(out: &mut Vec<u8>, bytes: &[u8]) {
         // A value over 2 GiB cannot be sent; PostgreSQL refuses the row
         // (its size is far beyond any configured payload limit anyway).
         out.extend_from_slice(&i32::try_from(bytes.len()).unwrap_or(i32::MAX).to_be_bytes());
         out.extend_from_slice(bytes);
     }
-    fn null(out: &mut Vec<u8>) {
+    pub(super) fn null(out: &mut Vec<u8>) {
         out.extend_from_slice(&(-1i32).to_be_bytes());
     }
-    fn text(out: &mut Vec<u8>, value: Option<&str>) {
+    pub(super) fn text(out: &mut Vec<u8>, value: Option<&str>) {
         match value {
             Some(v) => field(out, v.as_bytes()),
             None => null(out),
         }
     }
-    fn jsonb(out: &mut Vec<u8>, value: Option<&str>) {
+    pub(super) fn jsonb(out: &mut Vec<u8>, value: Option<&str>) {
         match value {
             Some(v) => {
                 let len = i32::try_from(v.len() + 1).unwrap_or(i32::MAX);
@@ -226,22 +229,57 @@ pub fn encode_copy_row_binary(out: &mut Vec<u8>, event: &StoredEvent) {
             None => null(out),
         }
     }
-    fn uuid(out: &mut Vec<u8>, value: Option<Uuid>) {
+    pub(super) fn uuid(out: &mut Vec<u8>, value: Option<Uuid>) {
         match value {
             Some(v) => field(out, v.as_bytes()),
             None => null(out),
         }
     }
-    fn int8(out: &mut Vec<u8>, value: Option<i64>) {
+    pub(super) fn int8(out: &mut Vec<u8>, value: Option<i64>) {
         match value {
             Some(v) => field(out, &v.to_be_bytes()),
             None => null(out),
         }
     }
-    fn time(out: &mut Vec<u8>, t: DateTime<Utc>) {
+    pub(super) fn time(out: &mut Vec<u8>, t: DateTime<Utc>) {
         field(out, &(t.timestamp_micros() - PG_EPOCH_MICROS).to_be_bytes());
     }
+}
 
+/// Claims event ids in `event_ids` by COPY: a plain insert, which fails on
+/// an id already there (unique violation), where `INSERT ... ON CONFLICT DO
+/// NOTHING` costs PostgreSQL about 2.3 times as much per row
+/// (docs/PERFORMANCE.md).
+pub const COPY_EVENT_IDS_BINARY: &str =
+    "COPY event_ids (event_id, content_hash, occurred_at, kafka_topic, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
+
+/// Appends one row of [`COPY_EVENT_IDS_BINARY`] (after
+/// [`COPY_BINARY_HEADER`]; end with [`COPY_BINARY_TRAILER`]): the values the
+/// `unnest` claim binds for the same event.
+pub fn encode_event_id_row_binary(
+    out: &mut Vec<u8>,
+    event_id: Uuid,
+    content_hash: &[u8; 32],
+    occurred_at: DateTime<Utc>,
+    kafka_topic: &str,
+    kafka_partition: i32,
+    kafka_offset: i64,
+) {
+    use binary::{field, int8, text, time, uuid};
+    out.extend_from_slice(&6i16.to_be_bytes());
+    uuid(out, Some(event_id));
+    field(out, content_hash);
+    time(out, occurred_at);
+    text(out, Some(kafka_topic));
+    field(out, &kafka_partition.to_be_bytes());
+    int8(out, Some(kafka_offset));
+}
+
+/// Appends one row of [`COPY_EVENTS_BINARY`] (after [`COPY_BINARY_HEADER`];
+/// end the stream with [`COPY_BINARY_TRAILER`]). The same values as
+/// [`encode_copy_row`] writes as text, which the tests check.
+pub fn encode_copy_row_binary(out: &mut Vec<u8>, event: &StoredEvent) {
+    use binary::{field, int8, jsonb, null, text, time, uuid};
     out.extend_from_slice(&21i16.to_be_bytes());
     uuid(out, Some(event.event_id));
     text(out, Some(&event.event_type));

@@ -15,7 +15,7 @@ use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{ConnectOptions, Connection, Executor, Row};
 use uuid::Uuid;
 
-use super::chain::{kafka_chain_id, ChainHead, StoredEvent};
+use super::chain::{kafka_chain_id, normalized, ChainHead, StoredEvent};
 use super::checkpointer::Checkpointer;
 use super::protection::{self, Protection};
 use super::{BatchStats, EventStore, OffsetKey, WriteBatch, WriteOutcome};
@@ -27,8 +27,8 @@ use crate::merkle::CompactRange;
 use crate::recycle::{VecPool, KEEP_PER_BATCH, MAX_KEPT_ROWS};
 
 pub use super::chain::{
-    encode_copy_row, encode_copy_row_binary, COPY_BINARY_HEADER, COPY_BINARY_TRAILER, COPY_EVENTS,
-    COPY_EVENTS_BINARY,
+    encode_copy_row, encode_copy_row_binary, encode_event_id_row_binary, COPY_BINARY_HEADER,
+    COPY_BINARY_TRAILER, COPY_EVENTS, COPY_EVENTS_BINARY, COPY_EVENT_IDS_BINARY,
 };
 
 /// The SQL migrations in migrations/, embedded in the binary.
@@ -194,6 +194,10 @@ pub struct PgEventStore {
     pool: PgPool,
     protection: Option<Arc<Protection>>,
     checkpoints: Option<Arc<Checkpointer>>,
+    /// Partitions (topic, partition) whose last batch held an id already
+    /// claimed: their next batch claims with `ON CONFLICT` straight away
+    /// instead of a COPY that would likely fail (retries come in bursts).
+    claim_conflicts: Arc<std::sync::Mutex<HashSet<(String, i32)>>>,
 }
 
 impl std::fmt::Debug for PgEventStore {
@@ -246,6 +250,7 @@ impl PgEventStore {
             pool,
             protection: None,
             checkpoints: None,
+            claim_conflicts: Default::default(),
         }
     }
 
@@ -348,7 +353,9 @@ impl EventStore for PgEventStore {
         // Claim the batch's new ids in `event_ids`; ids it already holds
         // are looked up there and classified (duplicate, conflict, re-read).
         sqlx::query("SAVEPOINT claim").execute(&mut *tx).await?;
-        let taken: Vec<Uuid> = claim_ids(&mut tx, &candidates).await?.into_iter().collect();
+        let taken: Vec<Uuid> = self
+            .claim(&mut tx, &key.topic, key.partition, &candidates)
+            .await?;
         let existing = existing_ids(&mut tx, &taken).await?;
         let Classified {
             events,
@@ -489,6 +496,102 @@ impl EventStore for PgEventStore {
     }
 }
 
+impl PgEventStore {
+    /// Claims the batch's ids in `event_ids` (inside savepoint `claim`);
+    /// returns those another event already holds. A COPY first, the cheap
+    /// way when every id is new (the common case); if one is not, the COPY
+    /// fails as a whole and the claim is redone with `ON CONFLICT`.
+    async fn claim(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        topic: &str,
+        partition: i32,
+        candidates: &[&Event],
+    ) -> Result<Vec<Uuid>, StoreError> {
+        let position = (topic.to_string(), partition);
+        let conflicted = self
+            .claim_conflicts
+            .lock()
+            .map(|set| set.contains(&position))
+            .unwrap_or(false);
+        if !conflicted {
+            match copy_claim_ids(tx, candidates).await? {
+                CopyClaim::Claimed => return Ok(Vec::new()),
+                CopyClaim::Refused => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT claim")
+                        .execute(&mut *tx)
+                        .await?;
+                }
+            }
+        }
+        let taken: Vec<Uuid> = claim_ids(tx, candidates).await?.into_iter().collect();
+        if let Ok(mut set) = self.claim_conflicts.lock() {
+            if taken.is_empty() {
+                set.remove(&position);
+            } else {
+                set.insert(position);
+            }
+        }
+        Ok(taken)
+    }
+}
+
+/// What a COPY into `event_ids` did.
+enum CopyClaim {
+    /// Every id was new and is now claimed.
+    Claimed,
+    /// The database refused a row (an id already claimed, or a value it
+    /// rejects): nothing was claimed, and the transaction must roll back to
+    /// its savepoint.
+    Refused,
+}
+
+async fn copy_claim_ids(
+    conn: &mut sqlx::PgConnection,
+    events: &[&Event],
+) -> Result<CopyClaim, StoreError> {
+    /// About 100 bytes a row.
+    static BUFFERS: VecPool<u8> = VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS * 112);
+    if events.is_empty() {
+        return Ok(CopyClaim::Claimed);
+    }
+    let mut buffer = BUFFERS.take(events.len() * 112 + 32);
+    buffer.extend_from_slice(COPY_BINARY_HEADER);
+    for e in events {
+        encode_event_id_row_binary(
+            &mut buffer,
+            e.event_id,
+            &e.content_hash,
+            e.occurred_at,
+            &e.kafka_topic,
+            e.kafka_partition,
+            e.kafka_offset,
+        );
+    }
+    buffer.extend_from_slice(COPY_BINARY_TRAILER);
+    let result = async {
+        let mut copy = conn.copy_in_raw(COPY_EVENT_IDS_BINARY).await?;
+        if let Err(e) = copy.send(buffer.as_slice()).await {
+            let _ = copy.abort("send failed").await;
+            return Err(e);
+        }
+        copy.finish().await
+    }
+    .await;
+    BUFFERS.give(buffer);
+    match result {
+        Ok(_) => Ok(CopyClaim::Claimed),
+        Err(sqlx::Error::Database(db))
+            if db.code().is_some_and(|c| c == "23505" || c.starts_with("22")) =>
+        {
+            // 23505: an id is taken (a duplicate, a conflict, or a re-read);
+            // 22xxx: a value refused, which the ON CONFLICT path reports.
+            Ok(CopyClaim::Refused)
+        }
+        Err(other) => Err(other.into()),
+    }
+}
+
 fn dead_letter_for(
     batch: &crate::batch::PreparedBatch,
     event: &Event,
@@ -579,7 +682,11 @@ async fn claim_ids(
     }
     let ids: Vec<Uuid> = events.iter().map(|e| e.event_id).collect();
     let hashes: Vec<&[u8]> = events.iter().map(|e| &e.content_hash[..]).collect();
-    let times: Vec<chrono::DateTime<chrono::Utc>> = events.iter().map(|e| e.occurred_at).collect();
+    // As `events` stores it: whole microseconds, rounded down. Bound as is,
+    // sqlx rounds a time before 2000 towards 2000 instead, and the row would
+    // not match its event's `occurred_at` (lookups join on it).
+    let times: Vec<chrono::DateTime<chrono::Utc>> =
+        events.iter().map(|e| normalized(e.occurred_at)).collect();
     let topics: Vec<&str> = events.iter().map(|e| e.kafka_topic.as_str()).collect();
     let partitions: Vec<i32> = events.iter().map(|e| e.kafka_partition).collect();
     let offsets: Vec<i64> = events.iter().map(|e| e.kafka_offset).collect();
@@ -873,6 +980,121 @@ mod tests {
         let _ = binary.close().await;
         text_db.drop_database().await;
         binary_db.drop_database().await;
+    }
+
+    /// The COPY claim must store exactly what the `ON CONFLICT` claim (the
+    /// way used before, and still the fallback) stores, and claim nothing
+    /// when one id is taken.
+    #[tokio::test]
+    async fn copy_claim_stores_what_the_on_conflict_claim_stores() {
+        let events: Vec<Event> = random_rows(2027, 300)
+            .into_iter()
+            .enumerate()
+            .map(|(i, row)| Event {
+                event_id: row.event_id,
+                event_type: row.event_type,
+                stream_id: row.stream_id,
+                stream_version: row.stream_version,
+                // Sub-microsecond digits, which both ways must drop alike.
+                occurred_at: row.occurred_at + chrono::Duration::nanoseconds(i as i64 % 1000),
+                source: row.source,
+                correlation_id: row.correlation_id,
+                causation_id: row.causation_id,
+                subject_id: row.subject_id,
+                payload: serde_json::value::RawValue::from_string(row.payload).expect("json"),
+                metadata: None,
+                headers: row.headers,
+                content_hash: row.content_hash,
+                kafka_topic: format!("topic-{}", i % 3),
+                kafka_partition: row.kafka_partition.unwrap_or(0),
+                kafka_offset: row.kafka_offset.unwrap_or(0),
+            })
+            .collect();
+        let refs: Vec<&Event> = events.iter().collect();
+        let (conflict_db, copy_db) = (
+            crate::testing::TestDatabase::create()
+                .await
+                .expect("database"),
+            crate::testing::TestDatabase::create()
+                .await
+                .expect("database"),
+        );
+        let mut on_conflict = sqlx::PgConnection::connect(&conflict_db.url)
+            .await
+            .expect("connect");
+        let mut copy = sqlx::PgConnection::connect(&copy_db.url)
+            .await
+            .expect("connect");
+        assert!(claim_ids(&mut on_conflict, &refs)
+            .await
+            .expect("claim")
+            .is_empty());
+        assert!(matches!(
+            copy_claim_ids(&mut copy, &refs).await.expect("copy claim"),
+            CopyClaim::Claimed
+        ));
+        let dump = "SELECT t::text FROM (SELECT * FROM event_ids ORDER BY event_id) t";
+        let by_conflict: Vec<String> = sqlx::query_scalar(dump)
+            .fetch_all(&mut on_conflict)
+            .await
+            .expect("read");
+        let by_copy: Vec<String> = sqlx::query_scalar(dump)
+            .fetch_all(&mut copy)
+            .await
+            .expect("read");
+        assert_eq!(by_conflict.len(), events.len());
+        assert_eq!(by_copy.len(), events.len());
+        let differing: Vec<_> = by_conflict.iter().zip(&by_copy).filter(|(a, b)| a != b).collect();
+        assert!(differing.is_empty(), "{} rows differ, first: {:?}", differing.len(), differing.first());
+        // Both store the time `events` stores for the event (lookups join on it).
+        let mut expected: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = events
+            .iter()
+            .map(|e| (e.event_id, normalized(e.occurred_at)))
+            .collect();
+        expected.sort();
+        let stored: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> =
+            sqlx::query_as("SELECT event_id, occurred_at FROM event_ids ORDER BY event_id")
+                .fetch_all(&mut on_conflict)
+                .await
+                .expect("read");
+        let wrong = stored.iter().zip(&expected).filter(|(a, b)| a != b).count();
+        assert_eq!(wrong, 0, "occurred_at differs from the stored event's");
+
+        // One taken id among new ones: the COPY claims none of them.
+        let mut again = random_rows(2028, 5)
+            .into_iter()
+            .map(|row| Event {
+                event_id: row.event_id,
+                ..events[0].clone()
+            })
+            .collect::<Vec<_>>();
+        again[3].event_id = events[7].event_id;
+        let refs: Vec<&Event> = again.iter().collect();
+        let mut tx = copy.begin().await.expect("begin");
+        sqlx::query("SAVEPOINT claim")
+            .execute(&mut *tx)
+            .await
+            .expect("savepoint");
+        assert!(matches!(
+            copy_claim_ids(&mut tx, &refs).await.expect("copy claim"),
+            CopyClaim::Refused
+        ));
+        sqlx::query("ROLLBACK TO SAVEPOINT claim")
+            .execute(&mut *tx)
+            .await
+            .expect("rollback to savepoint");
+        let taken = claim_ids(&mut tx, &refs).await.expect("claim");
+        assert_eq!(taken, HashSet::from([events[7].event_id]));
+        tx.commit().await.expect("commit");
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM event_ids")
+            .fetch_one(&mut copy)
+            .await
+            .expect("count");
+        assert_eq!(count as usize, events.len() + 4);
+        let _ = on_conflict.close().await;
+        let _ = copy.close().await;
+        conflict_db.drop_database().await;
+        copy_db.drop_database().await;
     }
 
     #[test]
