@@ -582,7 +582,9 @@ async fn copy_claim_ids(
     match result {
         Ok(_) => Ok(CopyClaim::Claimed),
         Err(sqlx::Error::Database(db))
-            if db.code().is_some_and(|c| c == "23505" || c.starts_with("22")) =>
+            if db
+                .code()
+                .is_some_and(|c| c == "23505" || c.starts_with("22")) =>
         {
             // 23505: an id is taken (a duplicate, a conflict, or a re-read);
             // 22xxx: a value refused, which the ON CONFLICT path reports.
@@ -1044,8 +1046,17 @@ mod tests {
             .expect("read");
         assert_eq!(by_conflict.len(), events.len());
         assert_eq!(by_copy.len(), events.len());
-        let differing: Vec<_> = by_conflict.iter().zip(&by_copy).filter(|(a, b)| a != b).collect();
-        assert!(differing.is_empty(), "{} rows differ, first: {:?}", differing.len(), differing.first());
+        let differing: Vec<_> = by_conflict
+            .iter()
+            .zip(&by_copy)
+            .filter(|(a, b)| a != b)
+            .collect();
+        assert!(
+            differing.is_empty(),
+            "{} rows differ, first: {:?}",
+            differing.len(),
+            differing.first()
+        );
         // Both store the time `events` stores for the event (lookups join on it).
         let mut expected: Vec<(Uuid, chrono::DateTime<chrono::Utc>)> = events
             .iter()
