@@ -140,7 +140,8 @@ ADDR="127.0.0.1:$PORT"
 AUDIT_LOG=warn "$BIN" run --brokers "$BOOT" --topics idle --group-id "bench-serve-$$" --database-url "$DB_URL" \
   --node-id bench-serve --api-addr "$ADDR" --api-tokens "$WORK/tokens.json" --state-dir "$WORK/serve-state" \
   --group-protocol consumer --api-db-max-connections "$POOL" >"$WORK/serve-node.log" 2>&1 &
-PIDS+=($!)
+SERVE=$!
+PIDS+=("$SERVE")
 for _ in $(seq 1 600); do
   [ "$(curl -s -o /dev/null -w '%{http_code}' "http://$ADDR/readyz")" = 200 ] && break
   sleep 0.1
@@ -181,14 +182,49 @@ function delay()
 end
 LUA
 
+# CPU ticks of a process, and of every PostgreSQL server process.
+ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+pg_ticks() {
+  local t=0 p
+  for p in $(pgrep -u postgres postgres 2>/dev/null || pgrep postgres); do
+    t=$((t + $(ticks "$p")))
+  done
+  echo "$t"
+}
+
 run_wrk() { # name paths-file -> prints wrk's report, returns p99 line
   local name="$1" paths="$2"
   log "$name: warm-up $WARMUP"
   BENCH_PATHS="$paths" BENCH_TOKEN="$TOKEN" BENCH_THINK_MS="$THINK" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$WARMUP" --timeout 10s \
     -s "$WORK/paths.lua" "http://$ADDR" >/dev/null
   log "$name: $CONNECTIONS connections, think time $THINK ms, $DURATION (load before: $(cut -d' ' -f1-3 /proc/loadavg))"
-  BENCH_PATHS="$paths" BENCH_TOKEN="$TOKEN" BENCH_THINK_MS="$THINK" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 10s --latency \
-    -s "$WORK/paths.lua" "http://$ADDR" | tee "$WORK/wrk-$name.txt" >&2
+  local node0 pg0 stat0 node1 pg1 stat1
+  node0=$(ticks "$SERVE"); pg0=$(pg_ticks); stat0=$(head -1 /proc/stat)
+  # `times` in the subshell: wrk's own CPU (user and system).
+  (BENCH_PATHS="$paths" BENCH_TOKEN="$TOKEN" BENCH_THINK_MS="$THINK" wrk -t"$THREADS" -c"$CONNECTIONS" -d"$DURATION" --timeout 10s --latency \
+    -s "$WORK/paths.lua" "http://$ADDR"; times >"$WORK/wrk-$name.times") | tee "$WORK/wrk-$name.txt" >&2
+  node1=$(ticks "$SERVE"); pg1=$(pg_ticks); stat1=$(head -1 /proc/stat)
+  # Where the two cores went per request: the node, PostgreSQL, wrk (its
+  # own process), and all the rest (kernel work not charged to any of them).
+  python3 - "$WORK/wrk-$name.txt" "$WORK/wrk-$name.times" "$((node1 - node0))" "$((pg1 - pg0))" "$stat0" "$stat1" "$(getconf CLK_TCK)" <<'PY' >&2
+import re, sys
+report, times, node, pg, stat0, stat1, hz = sys.argv[1:8]
+hz = float(hz)
+def seconds(t):
+    minutes, secs = re.match(r"(\d+)m([0-9.]+)s", t).groups()
+    return int(minutes) * 60 + float(secs)
+# `times`: the shell's user and system time, then its children's (wrk).
+wrk = sum(seconds(t) for t in open(times).read().split("\n")[1].split())
+a = [int(x) for x in stat0.split()[1:9]]; b = [int(x) for x in stat1.split()[1:9]]
+busy = (sum(b) - sum(a) - (b[3] - a[3]) - (b[4] - a[4])) / hz
+total = (sum(b) - sum(a)) / hz
+n = float(re.search(r"([0-9]+) requests in", open(report).read()).group(1))
+per = lambda s: 1000 * s / n
+node_s, pg_s = int(node) / hz, int(pg) / hz
+rest = busy - node_s - pg_s - wrk
+print(f"CPU per request: node {per(node_s):.2f} ms, PostgreSQL {per(pg_s):.2f} ms, wrk {per(wrk):.2f} ms, "
+      f"rest (kernel, other) {per(max(rest, 0)):.2f} ms; cores {100 * busy / total:.0f}% busy")
+PY
   if grep -q "Non-2xx" "$WORK/wrk-$name.txt"; then
     log "$name: some responses were not 200 (the node's log: $WORK/serve-node.log):"
     grep "request failed" "$WORK/serve-node.log" | tail -3 >&2 || true

@@ -350,9 +350,10 @@ async fn show_page(
 ) -> Result<JsonBody<EventPage>, ApiError> {
     let context = "reading events";
     if *disclosure == Disclosure::Redacted {
+        let pool = state.page_pool(page.filter);
         let rows = query::page_query(render::EVENT_COLUMNS, page)
             .build()
-            .fetch_all(state.pool())
+            .fetch_all(pool)
             .await
             .map_err(|e| ApiError::from_query(e.into(), context))?;
         return render::event_page_off_worker(rows)

@@ -82,6 +82,9 @@ pub struct ApiDatabase {
 
 pub struct ApiState {
     pool: PgPool,
+    /// Connections with generic plans, for event pages whose plan does not
+    /// depend on the values asked for (see [`ApiState::page_pool`]).
+    generic_pool: PgPool,
     protection: Option<Arc<Protection>>,
     checkpointer: Option<Arc<Checkpointer>>,
     tokens: TokenTable,
@@ -118,13 +121,20 @@ impl ApiState {
             ..PgConfig::new(&database.url)
         };
         let store = PgEventStore::connect(&config).await?;
-        Ok(Self::new(store.pool().clone(), tokens, limits))
+        let generic = PgEventStore::connect(&PgConfig {
+            generic_plans: true,
+            ..config
+        })
+        .await?;
+        Ok(Self::new(store.pool().clone(), tokens, limits)
+            .with_generic_pool(generic.pool().clone()))
     }
 
     /// A state over an existing pool (which should act as `audit_api`).
     pub fn new(pool: PgPool, tokens: TokenTable, limits: ApiLimits) -> Self {
         let streams = limits.max_replay_streams.max(1);
         Self {
+            generic_pool: pool.clone(),
             pool,
             protection: None,
             checkpointer: None,
@@ -133,6 +143,31 @@ impl ApiState {
             reducers: Reducers::default(),
             replay_streams: Arc::new(Semaphore::new(streams)),
             consumed_topics: Vec::new(),
+        }
+    }
+
+    /// Connections for event pages without time ranges, which plan their
+    /// statements once (`plan_cache_mode = force_generic_plan`): planning a
+    /// page over the partitions of `events` cost PostgreSQL more than
+    /// running it (PERFORMANCE.md, Query API).
+    pub fn with_generic_pool(mut self, pool: PgPool) -> Self {
+        self.generic_pool = pool;
+        self
+    }
+
+    /// The pool for a page of events matching `filter`. A time range takes
+    /// the pool that plans each statement with its values: which index
+    /// serves it best depends on how wide the range is, and a generic plan
+    /// cannot tell. Every other filter of a page has one best plan.
+    pub fn page_pool(&self, filter: &audit_ledger::query::EventFilter) -> &PgPool {
+        let ranged = filter.occurred_from.is_some()
+            || filter.occurred_to.is_some()
+            || filter.ingested_from.is_some()
+            || filter.ingested_to.is_some();
+        if ranged {
+            &self.pool
+        } else {
+            &self.generic_pool
         }
     }
 

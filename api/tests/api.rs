@@ -1209,6 +1209,49 @@ async fn statement_timeout_is_a_503_problem() {
     f.finish().await;
 }
 
+/// Event pages without a time range run on connections that plan each
+/// statement once (planning a page over every partition of `events` cost
+/// more than running it); a time range keeps a plan made for its values.
+/// No connection of the API compiles with JIT (30 ms per statement).
+#[tokio::test]
+async fn pages_without_time_ranges_plan_once_and_no_connection_jits() {
+    let f = Fixture::with(ApiLimits::default(), Reducers::default()).await;
+    let plain = audit_ledger::query::EventFilter {
+        event_types: vec!["order.paid".parse().unwrap()],
+        stream_id: Some("order-1".into()),
+        ..Default::default()
+    };
+    let ranged = audit_ledger::query::EventFilter {
+        occurred_from: Some(chrono::Utc::now()),
+        ..plain.clone()
+    };
+    let ingested = audit_ledger::query::EventFilter {
+        ingested_to: Some(chrono::Utc::now()),
+        ..plain.clone()
+    };
+    let show = |pool: sqlx::PgPool, setting: &'static str| async move {
+        sqlx::query_scalar::<_, String>(&format!("SHOW {setting}"))
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+    };
+    let generic = f.state.page_pool(&plain).clone();
+    assert_eq!(
+        show(generic.clone(), "plan_cache_mode").await,
+        "force_generic_plan"
+    );
+    for filter in [&ranged, &ingested] {
+        let pool = f.state.page_pool(filter).clone();
+        assert_eq!(show(pool, "plan_cache_mode").await, "auto");
+    }
+    for pool in [generic, f.state.pool().clone()] {
+        assert_eq!(show(pool.clone(), "jit").await, "off");
+        // Still the API's role on both.
+        assert_eq!(show(pool, "role").await, "audit_api");
+    }
+    f.finish().await;
+}
+
 /// The replay stream limit: permits up to the limit, then 429.
 #[tokio::test]
 async fn replay_streams_are_limited() {

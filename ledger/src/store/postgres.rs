@@ -46,6 +46,11 @@ pub struct PgConfig {
     pub role: Option<String>,
     pub statement_timeout: Duration,
     pub acquire_timeout: Duration,
+    /// `plan_cache_mode = force_generic_plan`: prepared statements are
+    /// planned once per connection instead of at every execution. Only for
+    /// pools whose statements have one good plan whatever the parameters
+    /// (docs/DECISIONS.md, Decision 47).
+    pub generic_plans: bool,
 }
 
 impl PgConfig {
@@ -56,6 +61,7 @@ impl PgConfig {
             role: Some(WRITER_ROLE.to_string()),
             statement_timeout: Duration::from_secs(60),
             acquire_timeout: Duration::from_secs(10),
+            generic_plans: false,
         }
     }
 }
@@ -216,13 +222,21 @@ impl PgEventStore {
         let options = connect_options(&config.url)?;
         let role = config.role.clone();
         let statement_timeout = config.statement_timeout.as_millis();
+        let generic_plans = config.generic_plans;
         let pool = PgPoolOptions::new()
             .max_connections(config.max_connections)
             .acquire_timeout(config.acquire_timeout)
             .after_connect(move |conn, _meta| {
                 let role = role.clone();
                 Box::pin(async move {
-                    let mut setup = format!("SET statement_timeout = {statement_timeout};");
+                    // No JIT: our statements are short, and a plan whose
+                    // estimate passes `jit_above_cost` spent 30 ms compiling
+                    // (PERFORMANCE.md, Query API).
+                    let mut setup =
+                        format!("SET statement_timeout = {statement_timeout}; SET jit = off;");
+                    if generic_plans {
+                        setup.push_str("SET plan_cache_mode = force_generic_plan;");
+                    }
                     if let Some(role) = role {
                         let _ = write!(setup, "SET ROLE {};", quote_ident(&role));
                     }
