@@ -146,8 +146,8 @@ impl ApiState {
         }
     }
 
-    /// Connections for event pages without time ranges, which plan their
-    /// statements once (`plan_cache_mode = force_generic_plan`): planning a
+    /// Connections for event pages whose plan does not depend on the
+    /// values asked for, which plan their statements once (`plan_cache_mode = force_generic_plan`): planning a
     /// page over the partitions of `events` cost PostgreSQL more than
     /// running it (PERFORMANCE.md, Query API).
     pub fn with_generic_pool(mut self, pool: PgPool) -> Self {
@@ -155,16 +155,22 @@ impl ApiState {
         self
     }
 
-    /// The pool for a page of events matching `filter`. A time range takes
-    /// the pool that plans each statement with its values: which index
-    /// serves it best depends on how wide the range is, and a generic plan
-    /// cannot tell. Every other filter of a page has one best plan.
+    /// The pool for a page of events matching `filter`. Filters by stream,
+    /// type, source, correlation or causation id have one best plan
+    /// whatever their values, so their statements are planned once. A time
+    /// range, a blind-index token or a payload containment take the pool
+    /// that plans each statement with its values: how many rows match
+    /// decides between an index and the `(tx, seq)` scan (a narrow range
+    /// wants the `occurred_at` index, a wide one the scan), and a generic
+    /// plan cannot tell.
     pub fn page_pool(&self, filter: &audit_ledger::query::EventFilter) -> &PgPool {
-        let ranged = filter.occurred_from.is_some()
+        let value_dependent = filter.occurred_from.is_some()
             || filter.occurred_to.is_some()
             || filter.ingested_from.is_some()
-            || filter.ingested_to.is_some();
-        if ranged {
+            || filter.ingested_to.is_some()
+            || filter.contains.is_some()
+            || !filter.blind.is_empty();
+        if value_dependent {
             &self.pool
         } else {
             &self.generic_pool

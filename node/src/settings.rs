@@ -64,7 +64,7 @@ pub struct ApiArgs {
     /// Concurrent replay streams; more answer 429.
     #[arg(long, env = "AUDIT_API_MAX_REPLAY_STREAMS", default_value_t = 8)]
     pub api_max_replay_streams: usize,
-    /// PostgreSQL connections of the API, role audit_api: up to this many for event pages without time ranges (statements planned once) and as many for the rest.
+    /// PostgreSQL connections of the API, role audit_api: up to this many for event pages by stream, type or ids (statements planned once) and as many for the rest.
     #[arg(long, env = "AUDIT_API_DB_MAX_CONNECTIONS", default_value_t = 8)]
     pub api_db_max_connections: u32,
     /// TOML file of state reducers per event type: [reducers] "order.snapshot" = "replace" (merge, replace, ignore).
