@@ -941,23 +941,19 @@ mod tests {
             .collect()
     }
 
+    /// A migrated scratch database and a connection to it.
+    async fn scratch() -> (crate::testing::TestDatabase, sqlx::PgConnection) {
+        let db = crate::testing::TestDatabase::create()
+            .await
+            .expect("database");
+        let conn = sqlx::PgConnection::connect(&db.url).await.expect("connect");
+        (db, conn)
+    }
+
     #[tokio::test]
     async fn binary_copy_stores_what_text_copy_stores() {
         let rows = random_rows(2026, 500);
-        let (text_db, binary_db) = (
-            crate::testing::TestDatabase::create()
-                .await
-                .expect("database"),
-            crate::testing::TestDatabase::create()
-                .await
-                .expect("database"),
-        );
-        let mut text = sqlx::PgConnection::connect(&text_db.url)
-            .await
-            .expect("connect");
-        let mut binary = sqlx::PgConnection::connect(&binary_db.url)
-            .await
-            .expect("connect");
+        let ((text_db, mut text), (binary_db, mut binary)) = (scratch().await, scratch().await);
         let mut encoded = String::new();
         for row in &rows {
             super::super::chain::encode_copy_row(&mut encoded, row);
@@ -1027,20 +1023,8 @@ mod tests {
             })
             .collect();
         let refs: Vec<&Event> = events.iter().collect();
-        let (conflict_db, copy_db) = (
-            crate::testing::TestDatabase::create()
-                .await
-                .expect("database"),
-            crate::testing::TestDatabase::create()
-                .await
-                .expect("database"),
-        );
-        let mut on_conflict = sqlx::PgConnection::connect(&conflict_db.url)
-            .await
-            .expect("connect");
-        let mut copy = sqlx::PgConnection::connect(&copy_db.url)
-            .await
-            .expect("connect");
+        let ((conflict_db, mut on_conflict), (copy_db, mut copy)) =
+            (scratch().await, scratch().await);
         assert!(claim_ids(&mut on_conflict, &refs)
             .await
             .expect("claim")
