@@ -185,7 +185,10 @@ pub fn write_event_fields(row: &PgRow, o: &mut JsonObject<'_>) -> Result<Positio
         chain.key("id").opt_str(row.try_get(18)?);
         chain.key("position").opt_int(row.try_get(19)?);
         let hash: Option<&[u8]> = row.try_get(20)?;
-        chain.key("hash").opt_str(hash.map(hex::encode).as_deref());
+        match hash {
+            Some(hash) => chain.key("hash").hex(hash),
+            None => chain.key("hash").null(),
+        }
         chain.close();
     }
     Ok(position)
@@ -426,9 +429,27 @@ impl Slot<'_> {
         }
     }
 
-    /// As poem-openapi writes `DateTime<Utc>` (RFC 3339, `+00:00`).
+    /// As poem-openapi writes `DateTime<Utc>` (RFC 3339, `+00:00`, the
+    /// fraction in 0, 3, 6 or 9 digits as `to_rfc3339` does), written in
+    /// place: a `String` per timestamp showed in page profiles.
     pub fn time(self, value: DateTime<Utc>) {
-        self.str(&value.to_rfc3339());
+        let _ = write!(
+            self.out,
+            "\"{}\"",
+            value.format("%Y-%m-%dT%H:%M:%S%.f+00:00")
+        );
+    }
+
+    /// Bytes as a lowercase hex string, written in place.
+    pub fn hex(self, bytes: &[u8]) {
+        const DIGITS: &[u8; 16] = b"0123456789abcdef";
+        self.out.reserve(bytes.len() * 2 + 2);
+        self.out.push(b'"');
+        for &byte in bytes {
+            self.out.push(DIGITS[usize::from(byte >> 4)]);
+            self.out.push(DIGITS[usize::from(byte & 0xf)]);
+        }
+        self.out.push(b'"');
     }
 
     /// JSON text, copied as it is.
@@ -550,5 +571,44 @@ mod tests {
         let text = r#"{"x": {"$enc": {"v": 1}, "other": 2}}"#;
         let sloppy = json!({"x": {"$redacted": true}});
         assert_ne!(reference(text), sloppy);
+    }
+
+    /// Timestamps and hashes written in place read as `to_rfc3339` and
+    /// `hex::encode` write them, whatever the fraction's precision.
+    #[test]
+    fn times_and_hex_match_the_reference_writers() {
+        use chrono::{TimeZone, Timelike};
+        let second = Utc.with_ymd_and_hms(2026, 11, 28, 23, 59, 59).unwrap();
+        for nanos in [
+            0,
+            120_000_000,
+            123_450_000,
+            123_456_000,
+            123_456_789,
+            1_500_000_000,
+        ] {
+            let t = second + chrono::Duration::nanoseconds(nanos);
+            let t = if nanos >= 1_000_000_000 {
+                // A leap second: 23:59:60.5.
+                second
+                    .with_nanosecond(u32::try_from(nanos).unwrap())
+                    .unwrap()
+            } else {
+                t
+            };
+            let mut out = Vec::new();
+            Slot { out: &mut out }.time(t);
+            assert_eq!(
+                String::from_utf8(out).unwrap(),
+                format!("\"{}\"", t.to_rfc3339())
+            );
+        }
+        let bytes: Vec<u8> = (0..=255).collect();
+        let mut out = Vec::new();
+        Slot { out: &mut out }.hex(&bytes);
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            format!("\"{}\"", hex::encode(&bytes))
+        );
     }
 }
