@@ -38,7 +38,10 @@ impl Default for PipelineConfig {
             batch_max_records: 2000,
             batch_linger: Duration::from_millis(50),
             poll_wait: Duration::from_millis(500),
-            max_inflight_batches: 8,
+            // 16: with hundreds of partitions each batch is small (the
+            // prefetch budget split thin), and 8 left the cores idle while
+            // permits waited on lingering batches (PERFORMANCE.md, session 7).
+            max_inflight_batches: 16,
             write_retry_base: Duration::from_millis(100),
             write_retry_max: Duration::from_secs(10),
             parse: ParseOptions::default(),
