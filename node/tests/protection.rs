@@ -1400,4 +1400,6 @@ async fn kek_rotation_rewraps_data_keys_and_events_still_decrypt() {
         );
     }
     assert_verifies(&h).await;
+    drop(node);
+    h.finish().await;
 }

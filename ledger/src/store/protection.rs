@@ -976,6 +976,8 @@ normalize = "none"
                 }
             }
         }
+        pool.close().await;
+        db.drop_database().await;
     }
 
     /// Counts the provider's wraps and unwraps (each may be a KMS call).
@@ -1043,6 +1045,8 @@ normalize = "none"
         use std::sync::atomic::Ordering::SeqCst;
         assert_eq!(counting.wraps.load(SeqCst), 300, "keys wrapped");
         assert_eq!(counting.unwraps.load(SeqCst), 0, "keys unwrapped");
+        pool.close().await;
+        db.drop_database().await;
     }
 
     /// A writer past its key check holds an erasure of its subject until
@@ -1113,6 +1117,9 @@ normalize = "none"
             Err(other) => panic!("expected a conflict, got {other}"),
             Ok(()) => panic!("a writer stored ciphertext under an erased subject's destroyed key"),
         }
+        drop(late);
+        pool.close().await;
+        db.drop_database().await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
