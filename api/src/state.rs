@@ -147,9 +147,10 @@ impl ApiState {
     }
 
     /// Connections for event pages whose plan does not depend on the
-    /// values asked for, which plan their statements once (`plan_cache_mode = force_generic_plan`): planning a
-    /// page over the partitions of `events` cost PostgreSQL more than
-    /// running it (PERFORMANCE.md, Query API).
+    /// values asked for, which plan their statements once
+    /// (`plan_cache_mode = force_generic_plan`): planning a page over the
+    /// partitions of `events` cost PostgreSQL more than running it
+    /// (PERFORMANCE.md, Query API).
     pub fn with_generic_pool(mut self, pool: PgPool) -> Self {
         self.generic_pool = pool;
         self

@@ -174,8 +174,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
             "bench",
         )?)
     };
-    let cpu_before = process_cpu_seconds();
-    let machine_before = MachineCpu::now();
+    let cpu_before = CpuReading::now();
     let started = Instant::now();
     let running = node::start(
         NodeSettings {
@@ -208,7 +207,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let ingest_seconds = started.elapsed().as_secs_f64();
-    let ingest_cpu = PhaseCpu::since(cpu_before, &machine_before);
+    let ingest_cpu = PhaseCpu::since(&cpu_before);
     let events: i64 = sqlx::query_scalar("SELECT count(*) FROM events")
         .fetch_one(&pool)
         .await?;
@@ -227,10 +226,9 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<()> {
     let chunks = Arc::new(stored_chunks(&ingest_db, args.copy_batch).await?);
 
     eprintln!("bench: ceiling: COPY with {copy_streams} parallel streams");
-    let cpu_before = process_cpu_seconds();
-    let machine_before = MachineCpu::now();
+    let cpu_before = CpuReading::now();
     let copy_seconds = copy_ceiling(&copy_db, chunks, copy_streams).await?;
-    let copy_cpu = PhaseCpu::since(cpu_before, &machine_before);
+    let copy_cpu = PhaseCpu::since(&cpu_before);
 
     if !args.keep_databases {
         for url in [&ingest_db, &copy_db] {
@@ -378,14 +376,16 @@ fn process_cpu_seconds() -> f64 {
     secs(usage.ru_utime) + secs(usage.ru_stime)
 }
 
-/// The machine's CPU time from /proc/stat, in seconds: busy (everything but
-/// idle and I/O wait) and total.
-struct MachineCpu {
+/// CPU time in seconds: this process's (user and system), and the
+/// machine's from /proc/stat, busy (everything but idle and I/O wait) and
+/// total.
+struct CpuReading {
+    process: f64,
     busy: f64,
     total: f64,
 }
 
-impl MachineCpu {
+impl CpuReading {
     fn now() -> Self {
         let ticks = std::fs::read_to_string("/proc/stat")
             .ok()
@@ -405,6 +405,7 @@ impl MachineCpu {
         // SAFETY: sysconf has no preconditions.
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
         Self {
+            process: process_cpu_seconds(),
             busy: (total - idle) / hz,
             total: total / hz,
         }
@@ -419,12 +420,12 @@ struct PhaseCpu {
 }
 
 impl PhaseCpu {
-    fn since(process_before: f64, machine_before: &MachineCpu) -> Self {
-        let now = MachineCpu::now();
+    fn since(before: &CpuReading) -> Self {
+        let now = CpuReading::now();
         Self {
-            process: process_cpu_seconds() - process_before,
-            machine_busy: now.busy - machine_before.busy,
-            machine_total: now.total - machine_before.total,
+            process: now.process - before.process,
+            machine_busy: now.busy - before.busy,
+            machine_total: now.total - before.total,
         }
     }
 

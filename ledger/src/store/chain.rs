@@ -253,26 +253,19 @@ mod binary {
 pub const COPY_EVENT_IDS_BINARY: &str =
     "COPY event_ids (event_id, content_hash, occurred_at, kafka_topic, kafka_partition, kafka_offset) FROM STDIN (FORMAT binary)";
 
-/// Appends one row of [`COPY_EVENT_IDS_BINARY`] (after
+/// Appends one row of [`COPY_EVENT_IDS_BINARY`] for `event` (after
 /// [`COPY_BINARY_HEADER`]; end with [`COPY_BINARY_TRAILER`]): the values the
-/// `unnest` claim binds for the same event.
-pub fn encode_event_id_row_binary(
-    out: &mut Vec<u8>,
-    event_id: Uuid,
-    content_hash: &[u8; 32],
-    occurred_at: DateTime<Utc>,
-    kafka_topic: &str,
-    kafka_partition: i32,
-    kafka_offset: i64,
-) {
+/// `ON CONFLICT` claim binds for it, `occurred_at` in whole microseconds
+/// rounded down as `events` stores it.
+pub fn encode_event_id_row_binary(out: &mut Vec<u8>, event: &Event) {
     use binary::{field, int8, text, time, uuid};
     out.extend_from_slice(&6i16.to_be_bytes());
-    uuid(out, Some(event_id));
-    field(out, content_hash);
-    time(out, occurred_at);
-    text(out, Some(kafka_topic));
-    field(out, &kafka_partition.to_be_bytes());
-    int8(out, Some(kafka_offset));
+    uuid(out, Some(event.event_id));
+    field(out, &event.content_hash);
+    time(out, event.occurred_at);
+    text(out, Some(&event.kafka_topic));
+    field(out, &event.kafka_partition.to_be_bytes());
+    int8(out, Some(event.kafka_offset));
 }
 
 /// Appends one row of [`COPY_EVENTS_BINARY`] (after [`COPY_BINARY_HEADER`];

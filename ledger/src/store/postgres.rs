@@ -571,16 +571,8 @@ async fn copy_claim_ids(
     }
     let mut buffer = BUFFERS.take(events.len() * 112 + 32);
     buffer.extend_from_slice(COPY_BINARY_HEADER);
-    for e in events {
-        encode_event_id_row_binary(
-            &mut buffer,
-            e.event_id,
-            &e.content_hash,
-            e.occurred_at,
-            &e.kafka_topic,
-            e.kafka_partition,
-            e.kafka_offset,
-        );
+    for event in events {
+        encode_event_id_row_binary(&mut buffer, event);
     }
     buffer.extend_from_slice(COPY_BINARY_TRAILER);
     let result = async {

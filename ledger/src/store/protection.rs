@@ -935,13 +935,24 @@ normalize = "none"
         (masked, value, revealed)
     }
 
+    /// A migrated scratch database and a pool on it; [`finish`] drops both.
+    async fn scratch() -> (TestDatabase, PgPool) {
+        let db = TestDatabase::create().await.expect("test database");
+        let pool = PgPool::connect(&db.url).await.expect("connect");
+        (db, pool)
+    }
+
+    async fn finish(db: TestDatabase, pool: PgPool) {
+        pool.close().await;
+        db.drop_database().await;
+    }
+
     /// Two nodes creating keys for the same new subjects at once, listed in
     /// opposite orders: no deadlock (PostgreSQL would break it only after
     /// `deadlock_timeout` and fail one batch), and both get the same key.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_key_creation_does_not_deadlock() {
-        let db = TestDatabase::create().await.expect("test database");
-        let pool = PgPool::connect(&db.url).await.expect("connect");
+        let (db, pool) = scratch().await;
         let provider: Arc<dyn KeyProvider> = Arc::new(test_provider());
         for round in 0..10 {
             let subjects: Vec<String> = (0..300).map(|i| format!("r{round}-s{i}")).collect();
@@ -976,8 +987,7 @@ normalize = "none"
                 }
             }
         }
-        pool.close().await;
-        db.drop_database().await;
+        finish(db, pool).await;
     }
 
     /// Counts the provider's wraps and unwraps (each may be a KMS call).
@@ -1014,8 +1024,7 @@ normalize = "none"
     /// and all four batches get the same keys.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_node_creates_each_new_key_once() {
-        let db = TestDatabase::create().await.expect("test database");
-        let pool = PgPool::connect(&db.url).await.expect("connect");
+        let (db, pool) = scratch().await;
         let counting = Arc::new(Counting {
             inner: Arc::new(test_provider()),
             wraps: Default::default(),
@@ -1045,16 +1054,14 @@ normalize = "none"
         use std::sync::atomic::Ordering::SeqCst;
         assert_eq!(counting.wraps.load(SeqCst), 300, "keys wrapped");
         assert_eq!(counting.unwraps.load(SeqCst), 0, "keys unwrapped");
-        pool.close().await;
-        db.drop_database().await;
+        finish(db, pool).await;
     }
 
     /// A writer past its key check holds an erasure of its subject until
     /// it commits; a writer after the erasure is refused and prepares again.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_erasure_waits_for_writers_past_their_key_check() {
-        let db = TestDatabase::create().await.expect("test database");
-        let pool = PgPool::connect(&db.url).await.expect("connect");
+        let (db, pool) = scratch().await;
         let protection = test_protection();
         let event =
             event_with_payload(r#"{"customer": {"id": "customer-1", "email": "one@example.com"}}"#);
@@ -1118,14 +1125,12 @@ normalize = "none"
             Ok(()) => panic!("a writer stored ciphertext under an erased subject's destroyed key"),
         }
         drop(late);
-        pool.close().await;
-        db.drop_database().await;
+        finish(db, pool).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn prepare_equals_the_reference_path() {
-        let db = TestDatabase::create().await.expect("test database");
-        let pool = PgPool::connect(&db.url).await.expect("connect");
+        let (db, pool) = scratch().await;
         let protection = test_protection();
         let mut rng = StdRng::seed_from_u64(2026);
         let events: Vec<Event> = (0..600).map(|i| random_event(&mut rng, i)).collect();
@@ -1211,7 +1216,6 @@ normalize = "none"
                 assert!(erased > 20, "{erased} erased");
             }
         }
-        pool.close().await;
-        db.drop_database().await;
+        finish(db, pool).await;
     }
 }
