@@ -196,11 +196,20 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<Summary> {
 /// so retries never duplicate or reorder records within a partition (the
 /// generator's duplicates are the only duplicates the consumer should see).
 pub fn create_producer(brokers: &str) -> anyhow::Result<FutureProducer> {
+    create_producer_lingering(brokers, 5)
+}
+
+/// [`create_producer`] waiting up to `linger_ms` to fill each partition's
+/// batches (a bulk load: fewer, larger record batches in the log).
+pub fn create_producer_lingering(
+    brokers: &str,
+    linger_ms: u32,
+) -> anyhow::Result<FutureProducer> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("linger.ms", "5")
+        .set("linger.ms", linger_ms.to_string())
         .set("compression.type", "none")
         .set("message.timeout.ms", "60000")
         .create()
