@@ -47,8 +47,9 @@ pub struct KafkaSettings {
     /// Node-wide prefetch budget, split evenly over the partitions of the
     /// subscribed topics (librdkafka only bounds prefetch per partition).
     pub prefetch_budget_kbytes: u32,
-    /// Extra librdkafka properties (security, tuning), applied first: the
-    /// settings exactly-once and bounded memory rely on cannot be overridden.
+    /// Extra librdkafka properties (security, tuning), applied after
+    /// [`FETCH_DEFAULTS`] and before the settings exactly-once and bounded
+    /// memory rely on, which they cannot override.
     pub extra: BTreeMap<String, String>,
 }
 
@@ -80,7 +81,16 @@ impl KafkaSettings {
 
     fn client_config(&self, prefetch_kbytes: u32) -> ClientConfig {
         let mut config = ClientConfig::new();
-        // Operator properties first: the ones below are what exactly-once
+        // Defaults an operator may override (below). librdkafka keeps one
+        // fetch in flight per broker; when it holds only partitions with
+        // nothing new, the broker parks it for fetch.wait.max.ms (500 ms by
+        // default) and a partition whose queue has just drained cannot fetch
+        // until it returns: the last records of a backlog waited up to half
+        // a second with the cores idle (PERFORMANCE.md, session 8).
+        for (k, v) in FETCH_DEFAULTS {
+            config.set(*k, *v);
+        }
+        // Operator properties next: the ones below are what exactly-once
         // and bounded memory rely on, so they cannot be overridden.
         for (k, v) in &self.extra {
             config.set(k, v);
@@ -117,6 +127,10 @@ impl KafkaSettings {
         config
     }
 }
+
+/// librdkafka properties set before the operator's (`kafka.properties`),
+/// which may override them: see `client_config`.
+pub const FETCH_DEFAULTS: &[(&str, &str)] = &[("fetch.wait.max.ms", "100")];
 
 /// Routes librdkafka's logs and rebalance callbacks.
 pub struct KafkaContext {
@@ -489,5 +503,38 @@ impl RecordSource for KafkaPartitionSource {
             // Expected during rebalances; the store holds the real offset.
             tracing::debug!(topic = %self.topic, partition = self.partition, error = %error, "informational kafka commit failed");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(extra: &[(&str, &str)]) -> KafkaSettings {
+        let mut settings = KafkaSettings::new("localhost:9092", vec!["orders".into()], "g");
+        settings.extra = extra
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        settings
+    }
+
+    #[test]
+    fn a_fetch_of_idle_partitions_is_parked_at_most_100_ms() {
+        let config = settings(&[]).client_config(512);
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("100"));
+    }
+
+    #[test]
+    fn operators_may_tune_fetching_but_not_what_exactly_once_relies_on() {
+        let config = settings(&[
+            ("fetch.wait.max.ms", "500"),
+            ("enable.auto.commit", "true"),
+            ("queued.max.messages.kbytes", "999999"),
+        ])
+        .client_config(512);
+        assert_eq!(config.get("fetch.wait.max.ms"), Some("500"));
+        assert_eq!(config.get("enable.auto.commit"), Some("false"));
+        assert_eq!(config.get("queued.max.messages.kbytes"), Some("512"));
     }
 }
