@@ -201,10 +201,7 @@ pub fn create_producer(brokers: &str) -> anyhow::Result<FutureProducer> {
 
 /// [`create_producer`] waiting up to `linger_ms` to fill each partition's
 /// batches (a bulk load: fewer, larger record batches in the log).
-pub fn create_producer_lingering(
-    brokers: &str,
-    linger_ms: u32,
-) -> anyhow::Result<FutureProducer> {
+pub fn create_producer_lingering(brokers: &str, linger_ms: u32) -> anyhow::Result<FutureProducer> {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
