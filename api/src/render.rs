@@ -431,7 +431,7 @@ impl Slot<'_> {
 
     /// As poem-openapi writes `DateTime<Utc>` (RFC 3339, `+00:00`, the
     /// fraction in 0, 3, 6 or 9 digits as `to_rfc3339` does), written in
-    /// place: a `String` per timestamp showed in page profiles.
+    /// place, digit by digit.
     pub fn time(self, value: DateTime<Utc>) {
         use chrono::{Datelike, Timelike};
         let t = value.naive_utc();
@@ -655,7 +655,7 @@ mod tests {
         // years 0-9999 by hand, the rest (BC, five digits) through chrono.
         use rand::{Rng, SeedableRng};
         let mut rng = rand::rngs::StdRng::seed_from_u64(28);
-        let microsecond = |rng: &mut rand::rngs::StdRng| match rng.gen_range(0..4) {
+        let nanos = |rng: &mut rand::rngs::StdRng| match rng.gen_range(0..4) {
             0 => 0,
             1 => rng.gen_range(0..1_000) * 1_000_000,
             2 => rng.gen_range(0..1_000_000) * 1_000,
@@ -663,7 +663,7 @@ mod tests {
         };
         for _ in 0..20_000 {
             let seconds = rng.gen_range(-210_866_803_200i64..=6_000_000_000_000);
-            let t = DateTime::from_timestamp(seconds, microsecond(&mut rng)).unwrap();
+            let t = DateTime::from_timestamp(seconds, nanos(&mut rng)).unwrap();
             let mut out = Vec::new();
             Slot { out: &mut out }.time(t);
             assert_eq!(
