@@ -331,9 +331,9 @@ impl EventStore for PgEventStore {
         let key = write.key;
         // Protection (encryption, canonical JSON) runs before the
         // transaction: CPU and key lookups hold no lock.
-        let candidates = classify(write.batch, &HashMap::new()).events;
+        let first = classify(write.batch, &HashMap::new());
         let mut prepared =
-            protection::prepare(self.protection.as_deref(), &self.pool, &candidates).await?;
+            protection::prepare(self.protection.as_deref(), &self.pool, &first.events).await?;
 
         let mut tx = self.pool.begin().await?;
         if write.expected.is_none() {
@@ -368,14 +368,19 @@ impl EventStore for PgEventStore {
         // are looked up there and classified (duplicate, conflict, re-read).
         sqlx::query("SAVEPOINT claim").execute(&mut *tx).await?;
         let taken: Vec<Uuid> = self
-            .claim(&mut tx, &key.topic, key.partition, &candidates)
+            .claim(&mut tx, &key.topic, key.partition, &first.events)
             .await?;
-        let existing = existing_ids(&mut tx, &taken).await?;
+        // Every id was new (the common case): the classification against
+        // no stored ids is the one already made.
         let Classified {
             events,
             mut dead_letters,
             duplicates,
-        } = classify(write.batch, &existing);
+        } = if taken.is_empty() {
+            first
+        } else {
+            classify(write.batch, &existing_ids(&mut tx, &taken).await?)
+        };
 
         let mut rows = STORED_ROWS.take(events.len());
         let mut refused = Vec::new();
