@@ -294,9 +294,7 @@ impl KafkaConnector {
             // threads to notice (measured: the metadata itself takes under
             // a millisecond on loopback). Nothing depends on the probe
             // being gone, so the node does not wait for it.
-            let _ = std::thread::Builder::new()
-                .name("kafka-probe-close".into())
-                .spawn(move || drop(probe));
+            close_in_background("kafka-probe-close", probe);
             Ok(partitions)
         })
         .await
@@ -337,11 +335,18 @@ impl Drop for KafkaHandle {
     fn drop(&mut self) {
         self.main_loop.abort();
         if let Some(consumer) = self.consumer.take() {
-            let _ = std::thread::Builder::new()
-                .name("kafka-close".into())
-                .spawn(move || drop(consumer));
+            close_in_background("kafka-close", consumer);
         }
     }
+}
+
+/// Drops a Kafka client on a plain thread of its own, not waited for:
+/// destroying one blocks until librdkafka's threads notice (about 100 ms,
+/// longer with brokers gone). If no thread can be started it is dropped here.
+fn close_in_background<T: Send + 'static>(name: &str, client: T) {
+    let _ = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || drop(client));
 }
 
 pub struct KafkaPartitionSource {

@@ -315,16 +315,17 @@ fn database_url(server: &Option<String>, name: &str) -> String {
 /// page touched again). Needs superuser or `pg_checkpoint`; without them
 /// the phases run as they come, with a warning.
 async fn checkpoint(url: &str) {
-    let result = async {
-        let mut conn = postgres::connect_options(url)?.connect().await?;
-        sqlx::query("CHECKPOINT").execute(&mut conn).await?;
-        conn.close().await?;
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(error) = result {
+    if let Err(error) = run_statement(url, "CHECKPOINT").await {
         eprintln!("bench: no CHECKPOINT before the phase ({error:#}); a checkpoint may land in either phase");
     }
+}
+
+/// Runs one statement on a connection of its own.
+async fn run_statement(url: &str, sql: &str) -> anyhow::Result<()> {
+    let mut conn = postgres::connect_options(url)?.connect().await?;
+    sqlx::query(sql).execute(&mut conn).await?;
+    conn.close().await?;
+    Ok(())
 }
 
 /// Turns autovacuum off for every table of a scratch database. Its ANALYZE
@@ -336,10 +337,9 @@ async fn checkpoint(url: &str) {
 /// written, so neither phase pays it. Needs ownership of the tables (the
 /// bench creates them); otherwise it warns and the phases run as they come.
 async fn no_autovacuum(url: &str) {
-    let result = async {
-        let mut conn = postgres::connect_options(url)?.connect().await?;
-        sqlx::query(
-            "DO $$
+    let result = run_statement(
+        url,
+        "DO $$
              DECLARE t record;
              BEGIN
                FOR t IN SELECT n.nspname, c.relname FROM pg_class c
@@ -352,12 +352,7 @@ async fn no_autovacuum(url: &str) {
                                 t.nspname, t.relname);
                END LOOP;
              END $$",
-        )
-        .execute(&mut conn)
-        .await?;
-        conn.close().await?;
-        anyhow::Ok(())
-    }
+    )
     .await;
     if let Err(error) = result {
         eprintln!("bench: autovacuum left on ({error:#}); its ANALYZE may land in either phase");
