@@ -1,7 +1,7 @@
 //! Errors of the event store.
 
 /// Store failures, split by what the caller should do about them.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// The database is unreachable, restarting or overloaded: retry later.
     #[error("event store unavailable: {0}")]

@@ -44,6 +44,9 @@ pub struct Tuning {
     /// PostgreSQL connections of the node.
     #[arg(long, env = "AUDIT_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
+    /// Tasks that commit the batches of several partitions in one transaction (group commit); 0: a transaction per batch.
+    #[arg(long, env = "AUDIT_DB_GROUP_COMMITTERS", default_value_t = 2)]
+    pub db_group_committers: usize,
     /// Role the node writes with (`SET ROLE`); empty keeps the login role.
     #[arg(long, env = "AUDIT_DB_ROLE")]
     pub db_role: Option<String>,
@@ -226,6 +229,7 @@ impl NodeSettings {
         if let Some(n) = tuning.db_max_connections.or(file.database.max_connections) {
             database.max_connections = n.max(1);
         }
+        database.group_committers = tuning.db_group_committers;
         let role = tuning
             .db_role
             .clone()

@@ -17,9 +17,10 @@ use uuid::Uuid;
 
 use super::chain::{kafka_chain_id, normalized, ChainHead, StoredEvent};
 use super::checkpointer::Checkpointer;
+use super::group::{self, GroupCommit};
 use super::protection::{self, Protection};
 use super::{BatchStats, EventStore, OffsetKey, WriteBatch, WriteOutcome};
-use crate::batch::{classify, Classified, ExistingEvent};
+use crate::batch::{classify, Classified, Duplicate, ExistingEvent};
 use crate::canonical::GENESIS;
 use crate::envelope::{DeadLetter, DeadLetterReason, Event};
 use crate::error::StoreError;
@@ -51,6 +52,10 @@ pub struct PgConfig {
     /// pools whose statements have one good plan whatever the parameters
     /// (docs/DECISIONS.md, Decision 47).
     pub generic_plans: bool,
+    /// Tasks that commit batches of several partitions together (group
+    /// commit, `store::group`); 0 writes every batch in a transaction of
+    /// its own.
+    pub group_committers: usize,
 }
 
 impl PgConfig {
@@ -62,6 +67,7 @@ impl PgConfig {
             statement_timeout: Duration::from_secs(60),
             acquire_timeout: Duration::from_secs(10),
             generic_plans: false,
+            group_committers: 2,
         }
     }
 }
@@ -204,6 +210,9 @@ pub struct PgEventStore {
     /// claimed: their next batch claims with `ON CONFLICT` straight away
     /// instead of a COPY that would likely fail (retries come in bursts).
     claim_conflicts: Arc<std::sync::Mutex<HashSet<(String, i32)>>>,
+    /// Committers of group commit (0: off), started at the first write.
+    group_committers: usize,
+    group: Arc<std::sync::OnceLock<GroupCommit>>,
 }
 
 impl std::fmt::Debug for PgEventStore {
@@ -256,16 +265,49 @@ impl PgEventStore {
                 )),
                 other => unreachable(&config.url, other),
             })?;
-        Ok(Self::from_pool(pool))
+        let mut store = Self::from_pool(pool);
+        store.group_committers = config.group_committers;
+        Ok(store)
     }
 
+    /// A store on `pool`, without group commit.
     pub fn from_pool(pool: PgPool) -> Self {
         Self {
             pool,
             protection: None,
             checkpoints: None,
             claim_conflicts: Default::default(),
+            group_committers: 0,
+            group: Default::default(),
         }
+    }
+
+    /// The group commit a batch of `key` joins; `None` for the
+    /// single-batch path: group commit is off, or the partition's last
+    /// batch held a taken id (the next one likely does too).
+    fn group_for(&self, key: &OffsetKey) -> Option<&GroupCommit> {
+        if self.group_committers == 0 {
+            return None;
+        }
+        let position = (key.topic.clone(), key.partition);
+        if self
+            .claim_conflicts
+            .lock()
+            .map(|set| set.contains(&position))
+            .unwrap_or(false)
+        {
+            return None;
+        }
+        Some(self.group.get_or_init(|| {
+            // The committers' own handle has no group: the tasks end once
+            // the last handle with one is dropped.
+            let committers = Self {
+                group_committers: 0,
+                group: Default::default(),
+                ..self.clone()
+            };
+            GroupCommit::start(committers, self.group_committers)
+        }))
     }
 
     /// Encrypts protected fields with per-subject keys before storing.
@@ -311,7 +353,7 @@ impl PgEventStore {
 }
 
 /// A batch's rows, kept between batches (see `recycle`).
-static STORED_ROWS: VecPool<StoredEvent> = VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS);
+pub(crate) static STORED_ROWS: VecPool<StoredEvent> = VecPool::new(KEEP_PER_BATCH, MAX_KEPT_ROWS);
 
 #[async_trait]
 impl EventStore for PgEventStore {
@@ -328,39 +370,43 @@ impl EventStore for PgEventStore {
     }
 
     async fn write_batch(&self, write: WriteBatch<'_>) -> Result<WriteOutcome, StoreError> {
-        let key = write.key;
         // Protection (encryption, canonical JSON) runs before the
         // transaction: CPU and key lookups hold no lock.
         let first = classify(write.batch, &HashMap::new());
-        let mut prepared =
+        let prepared =
             protection::prepare(self.protection.as_deref(), &self.pool, &first.events).await?;
-
-        let mut tx = self.pool.begin().await?;
-        if write.expected.is_none() {
-            // First batch of this partition: claim the row so a concurrent
-            // first writer blocks on it instead of racing past the check.
-            sqlx::query(
-                "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_by)
-                 VALUES ($1, $2, $3, NULL, $4) ON CONFLICT DO NOTHING",
-            )
-            .bind(&key.group_id)
-            .bind(&key.topic)
-            .bind(key.partition)
-            .bind(write.writer)
-            .execute(&mut *tx)
-            .await?;
+        let Some(group) = self.group_for(write.key) else {
+            return self.write_alone(write, first, prepared).await;
+        };
+        match group.submit(group::Job::new(&write, first, prepared)).await {
+            group::Reply::Done(result) => result,
+            // An id of this batch is taken, or the database refused a row:
+            // the single-batch path sorts it out (rare; protection again,
+            // since the group consumed the prepared rows).
+            group::Reply::Alone => {
+                let first = classify(write.batch, &HashMap::new());
+                let prepared =
+                    protection::prepare(self.protection.as_deref(), &self.pool, &first.events)
+                        .await?;
+                self.write_alone(write, first, prepared).await
+            }
         }
-        let stored: Option<Option<i64>> = sqlx::query_scalar(
-            "SELECT next_offset FROM consumer_offsets
-             WHERE group_id = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
-        )
-        .bind(&key.group_id)
-        .bind(&key.topic)
-        .bind(key.partition)
-        .fetch_optional(&mut *tx)
-        .await?;
-        let stored = stored.flatten();
-        if stored != write.expected {
+    }
+}
+
+impl PgEventStore {
+    /// One batch in a transaction of its own: the path for a batch whose ids
+    /// may be taken (a duplicate, a conflict, a re-read), and for stores
+    /// without group commit.
+    async fn write_alone(
+        &self,
+        write: WriteBatch<'_>,
+        first: Classified<'_>,
+        mut prepared: protection::Prepared,
+    ) -> Result<WriteOutcome, StoreError> {
+        let key = write.key;
+        let mut tx = self.pool.begin().await?;
+        if let Some(stored) = fence(&mut tx, key, write.expected, write.writer).await? {
             return Ok(WriteOutcome::Fenced { stored });
         }
 
@@ -413,7 +459,7 @@ impl EventStore for PgEventStore {
         for (event, reason) in refused {
             dead_letters.push(dead_letter_for(write.batch, event, reason));
         }
-        protection::pin_keys(&mut tx, &prepared, self.protection.as_deref()).await?;
+        protection::pin_keys(&mut tx, prepared.keys_used(), self.protection.as_deref()).await?;
 
         let chain_id = kafka_chain_id(&key.topic, key.partition);
         let mut head = lock_chain(&mut tx, &chain_id).await?;
@@ -455,54 +501,9 @@ impl EventStore for PgEventStore {
         if head.length != before_length {
             update_chain(&mut tx, &head).await?;
         }
-        // ON CONFLICT DO NOTHING: a position already accounted for (another
-        // consumer group re-reading the topic) is not counted twice.
-        let mut dead_letters_stored = 0;
-        for dead in &dead_letters {
-            dead_letters_stored += sqlx::query(
-                "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, raw_key, raw_value,
-                 headers, event_id, reason_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
-                 ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING",
-            )
-            .bind(&dead.kafka_topic)
-            .bind(dead.kafka_partition)
-            .bind(dead.kafka_offset)
-            .bind(dead.key.as_deref())
-            .bind(dead.value.as_deref())
-            .bind(&dead.headers)
-            .bind(dead.event_id)
-            .bind(dead.reason.code())
-            // text cannot hold U+0000; a field name in the reason might.
-            .bind(dead.reason.to_string().replace('\0', "\\0"))
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        let mut duplicates_stored = 0;
-        for duplicate in &duplicates {
-            duplicates_stored += sqlx::query(
-                "INSERT INTO duplicates (kafka_topic, kafka_partition, kafka_offset, event_id)
-                 VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
-            )
-            .bind(&duplicate.kafka_topic)
-            .bind(duplicate.kafka_partition)
-            .bind(duplicate.kafka_offset)
-            .bind(duplicate.event_id)
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-        }
-        sqlx::query(
-            "UPDATE consumer_offsets SET next_offset = $4, updated_at = now(), updated_by = $5
-             WHERE group_id = $1 AND topic = $2 AND partition = $3",
-        )
-        .bind(&key.group_id)
-        .bind(&key.topic)
-        .bind(key.partition)
-        .bind(write.batch.next_offset)
-        .bind(write.writer)
-        .execute(&mut *tx)
-        .await?;
+        let (dead_letters_stored, duplicates_stored) =
+            insert_rejects(&mut tx, &dead_letters, &duplicates).await?;
+        advance_offset(&mut tx, key, write.batch.next_offset, write.writer).await?;
         tx.commit().await?;
         if let Some(checkpoints) = &self.checkpoints {
             checkpoints.observe(&self.pool, &head).await;
@@ -555,8 +556,110 @@ impl PgEventStore {
     }
 }
 
+/// Locks the partition's offset row and checks it is where this writer
+/// expects it. `Some(stored)`: another writer moved it (fenced).
+pub(crate) async fn fence(
+    tx: &mut sqlx::PgConnection,
+    key: &OffsetKey,
+    expected: Option<i64>,
+    writer: &str,
+) -> Result<Option<Option<i64>>, StoreError> {
+    if expected.is_none() {
+        // First batch of this partition: claim the row so a concurrent
+        // first writer blocks on it instead of racing past the check.
+        sqlx::query(
+            "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_by)
+             VALUES ($1, $2, $3, NULL, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(&key.group_id)
+        .bind(&key.topic)
+        .bind(key.partition)
+        .bind(writer)
+        .execute(&mut *tx)
+        .await?;
+    }
+    let stored: Option<Option<i64>> = sqlx::query_scalar(
+        "SELECT next_offset FROM consumer_offsets
+         WHERE group_id = $1 AND topic = $2 AND partition = $3 FOR UPDATE",
+    )
+    .bind(&key.group_id)
+    .bind(&key.topic)
+    .bind(key.partition)
+    .fetch_optional(&mut *tx)
+    .await?;
+    let stored = stored.flatten();
+    Ok((stored != expected).then_some(stored))
+}
+
+/// Moves the partition's offset past the batch (in the batch's transaction).
+pub(crate) async fn advance_offset(
+    tx: &mut sqlx::PgConnection,
+    key: &OffsetKey,
+    next_offset: i64,
+    writer: &str,
+) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE consumer_offsets SET next_offset = $4, updated_at = now(), updated_by = $5
+         WHERE group_id = $1 AND topic = $2 AND partition = $3",
+    )
+    .bind(&key.group_id)
+    .bind(&key.topic)
+    .bind(key.partition)
+    .bind(next_offset)
+    .bind(writer)
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Inserts a batch's dead letters and duplicates; returns how many of each
+/// were new. ON CONFLICT DO NOTHING: a position already accounted for
+/// (another consumer group re-reading the topic) is not counted twice.
+pub(crate) async fn insert_rejects(
+    tx: &mut sqlx::PgConnection,
+    dead_letters: &[DeadLetter],
+    duplicates: &[Duplicate],
+) -> Result<(u64, u64), StoreError> {
+    let mut dead_letters_stored = 0;
+    for dead in dead_letters {
+        dead_letters_stored += sqlx::query(
+            "INSERT INTO dead_letters (kafka_topic, kafka_partition, kafka_offset, raw_key, raw_value,
+             headers, event_id, reason_code, reason) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)
+             ON CONFLICT (kafka_topic, kafka_partition, kafka_offset) DO NOTHING",
+        )
+        .bind(&dead.kafka_topic)
+        .bind(dead.kafka_partition)
+        .bind(dead.kafka_offset)
+        .bind(dead.key.as_deref())
+        .bind(dead.value.as_deref())
+        .bind(&dead.headers)
+        .bind(dead.event_id)
+        .bind(dead.reason.code())
+        // text cannot hold U+0000; a field name in the reason might.
+        .bind(dead.reason.to_string().replace('\0', "\\0"))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    let mut duplicates_stored = 0;
+    for duplicate in duplicates {
+        duplicates_stored += sqlx::query(
+            "INSERT INTO duplicates (kafka_topic, kafka_partition, kafka_offset, event_id)
+             VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING",
+        )
+        .bind(&duplicate.kafka_topic)
+        .bind(duplicate.kafka_partition)
+        .bind(duplicate.kafka_offset)
+        .bind(duplicate.event_id)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    }
+    Ok((dead_letters_stored, duplicates_stored))
+}
+
 /// What a COPY into `event_ids` did.
-enum CopyClaim {
+pub(crate) enum CopyClaim {
     /// Every id was new and is now claimed.
     Claimed,
     /// The database refused a row (an id already claimed, or a value it
@@ -575,21 +678,40 @@ async fn copy_claim_ids(
         return Ok(CopyClaim::Claimed);
     }
     let mut buffer = BUFFERS.take(events.len() * 112 + 32);
-    buffer.extend_from_slice(COPY_BINARY_HEADER);
     for event in events {
         encode_event_id_row_binary(&mut buffer, event);
     }
-    buffer.extend_from_slice(COPY_BINARY_TRAILER);
+    let result = copy_claim_rows(conn, &[buffer.as_slice()]).await;
+    BUFFERS.give(buffer);
+    result
+}
+
+/// COPYs rows already encoded by [`encode_event_id_row_binary`] into
+/// `event_ids`, as one statement.
+pub(crate) async fn copy_claim_rows(
+    conn: &mut sqlx::PgConnection,
+    rows: &[&[u8]],
+) -> Result<CopyClaim, StoreError> {
+    if rows.iter().all(|r| r.is_empty()) {
+        return Ok(CopyClaim::Claimed);
+    }
     let result = async {
         let mut copy = conn.copy_in_raw(COPY_EVENT_IDS_BINARY).await?;
-        if let Err(e) = copy.send(buffer.as_slice()).await {
-            let _ = copy.abort("send failed").await;
-            return Err(e);
+        for part in std::iter::once(COPY_BINARY_HEADER)
+            .chain(rows.iter().copied())
+            .chain(std::iter::once(COPY_BINARY_TRAILER))
+        {
+            if part.is_empty() {
+                continue;
+            }
+            if let Err(e) = copy.send(part).await {
+                let _ = copy.abort("send failed").await;
+                return Err(e);
+            }
         }
         copy.finish().await
     }
     .await;
-    BUFFERS.give(buffer);
     match result {
         Ok(_) => Ok(CopyClaim::Claimed),
         Err(sqlx::Error::Database(db))
@@ -605,7 +727,7 @@ async fn copy_claim_ids(
     }
 }
 
-fn dead_letter_for(
+pub(crate) fn dead_letter_for(
     batch: &crate::batch::PreparedBatch,
     event: &Event,
     reason: DeadLetterReason,
@@ -771,19 +893,28 @@ pub(crate) async fn copy_rows(
     conn: &mut sqlx::PgConnection,
     rows: &[StoredEvent],
 ) -> Result<(), StoreError> {
+    copy_row_groups(conn, &[rows]).await
+}
+
+/// [`copy_rows`] for the rows of several batches, as one statement.
+pub(crate) async fn copy_row_groups(
+    conn: &mut sqlx::PgConnection,
+    groups: &[&[StoredEvent]],
+) -> Result<(), StoreError> {
     const CHUNK: usize = 256 * 1024;
     /// Buffers kept for later calls (one per connection writing at once);
     /// one a huge row grew is not kept.
     static BUFFERS: VecPool<u8> = VecPool::new(KEEP_PER_BATCH, 4 * CHUNK);
-    if rows.is_empty() {
+    let total: usize = groups.iter().map(|g| g.len()).sum();
+    if total == 0 {
         return Ok(());
     }
     let mut buffer = BUFFERS.take(CHUNK + 16 * 1024);
     buffer.extend_from_slice(COPY_BINARY_HEADER);
     let mut copy = conn.copy_in_raw(COPY_EVENTS_BINARY).await?;
-    for (i, row) in rows.iter().enumerate() {
+    for (i, row) in groups.iter().flat_map(|g| g.iter()).enumerate() {
         encode_copy_row_binary(&mut buffer, row);
-        let last = i + 1 == rows.len();
+        let last = i + 1 == total;
         if last {
             buffer.extend_from_slice(COPY_BINARY_TRAILER);
         } else if buffer.len() < CHUNK {

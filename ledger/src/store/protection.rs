@@ -388,6 +388,16 @@ impl Prepared {
     }
 
     /// The stored form of the event at `offset`, or why it has none.
+    /// Live data keys the rows were encrypted with, and their subjects.
+    pub fn keys_used(&self) -> &HashMap<Uuid, String> {
+        &self.keys_used
+    }
+
+    /// Takes [`Self::keys_used`] out, leaving it empty.
+    pub fn take_keys_used(&mut self) -> HashMap<Uuid, String> {
+        std::mem::take(&mut self.keys_used)
+    }
+
     pub fn take(&mut self, offset: i64) -> Result<StoredEvent, DeadLetterReason> {
         let index = match self.offsets.binary_search(&offset) {
             Ok(index) => Some(index),
@@ -719,13 +729,13 @@ pub async fn lock_out_writers(conn: &mut sqlx::PgConnection) -> Result<(), Store
 /// checks their subjects were not erased meanwhile (module docs).
 pub async fn pin_keys(
     conn: &mut sqlx::PgConnection,
-    prepared: &Prepared,
+    keys_used: &HashMap<Uuid, String>,
     protection: Option<&Protection>,
 ) -> Result<(), StoreError> {
     let Some(protection) = protection else {
         return Ok(());
     };
-    if prepared.keys_used.is_empty() {
+    if keys_used.is_empty() {
         return Ok(());
     }
     // A statement of its own: the check below must read with a snapshot
@@ -734,8 +744,8 @@ pub async fn pin_keys(
         .bind(ERASURE_LOCK)
         .execute(&mut *conn)
         .await?;
-    let ids: Vec<Uuid> = prepared.keys_used.keys().copied().collect();
-    let subjects: Vec<&str> = prepared.keys_used.values().map(String::as_str).collect();
+    let ids: Vec<Uuid> = keys_used.keys().copied().collect();
+    let subjects: Vec<&str> = keys_used.values().map(String::as_str).collect();
     // The common case in one round trip and one row: every key is still
     // there, and no subject was erased meanwhile.
     let (pinned, erased): (i64, bool) = sqlx::query_as(
@@ -754,15 +764,14 @@ pub async fn pin_keys(
             .bind(&ids)
             .fetch_all(&mut *conn)
             .await?;
-    let subjects: Vec<String> = prepared.keys_used.values().cloned().collect();
+    let subjects: Vec<String> = keys_used.values().cloned().collect();
     let erased: Vec<String> =
         sqlx::query_scalar("SELECT subject_id FROM erased_subjects WHERE subject_id = ANY($1)")
             .bind(&subjects)
             .fetch_all(&mut *conn)
             .await?;
     if pinned.len() != ids.len() || !erased.is_empty() {
-        let gone: Vec<String> = prepared
-            .keys_used
+        let gone: Vec<String> = keys_used
             .iter()
             .filter(|(id, s)| !pinned.contains(id) || erased.contains(s))
             .map(|(_, s)| s.clone())
@@ -1075,7 +1084,7 @@ normalize = "none"
         );
 
         let mut writer = pool.begin().await.expect("begin");
-        pin_keys(&mut writer, &prepared, Some(&protection))
+        pin_keys(&mut writer, prepared.keys_used(), Some(&protection))
             .await
             .expect("the key is there");
         let erasure = tokio::spawn({
@@ -1114,7 +1123,7 @@ normalize = "none"
             .expect("the erasure completes once the writer committed");
 
         let mut late = pool.begin().await.expect("begin");
-        match pin_keys(&mut late, &prepared, Some(&protection)).await {
+        match pin_keys(&mut late, prepared.keys_used(), Some(&protection)).await {
             Err(StoreError::Conflict(message)) => {
                 assert!(
                     message.contains("erased while it was prepared"),

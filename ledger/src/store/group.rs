@@ -1,0 +1,284 @@
+//! Group commit: batches of several partitions that are ready at the same
+//! time share one transaction, one COPY per table and one commit.
+//!
+//! A partition's batches stay in order and its offset still moves in the
+//! transaction that stores them: a group commits all its batches or none.
+//! What a group cannot decide on its own (an id already taken, a row the
+//! database refuses) is handed back to the batch's writer, which takes the
+//! single-batch path. Fewer, larger statements are what the COPY ceiling
+//! does: per-statement and per-commit work in PostgreSQL was the part of the
+//! gap to it that grew with the number of partitions (PERFORMANCE.md).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, oneshot, Mutex};
+use uuid::Uuid;
+
+use super::chain::{encode_event_id_row_binary, kafka_chain_id, ChainHead, StoredEvent};
+use super::postgres::{
+    advance_offset, copy_claim_rows, copy_row_groups, dead_letter_for, fence, insert_rejects,
+    lock_chain, update_chain, CopyClaim, PgEventStore, STORED_ROWS,
+};
+use super::protection::{self, Prepared};
+use super::{BatchStats, OffsetKey, WriteBatch, WriteOutcome};
+use crate::batch::{Classified, Duplicate};
+use crate::envelope::DeadLetter;
+use crate::error::StoreError;
+
+/// A group stops growing at this many rows (bounds a transaction's size
+/// and the wait of the batches behind it).
+const MAX_GROUP_ROWS: usize = 20_000;
+/// Batches waiting for a committer; their writers wait with them.
+const QUEUE: usize = 64;
+
+/// One partition's batch, protected and ready to store.
+pub(crate) struct Job {
+    key: OffsetKey,
+    expected: Option<i64>,
+    next_offset: i64,
+    writer: String,
+    /// Stored forms, in partition order, not yet linked into the chain.
+    rows: Vec<StoredEvent>,
+    /// The rows' `event_ids` claims, COPY-encoded.
+    claims: Vec<u8>,
+    dead_letters: Vec<DeadLetter>,
+    duplicates: Vec<Duplicate>,
+    keys_used: HashMap<Uuid, String>,
+    reply: Option<oneshot::Sender<Reply>>,
+}
+
+pub(crate) enum Reply {
+    /// Written (or fenced, or failed) with its group.
+    Done(Result<WriteOutcome, StoreError>),
+    /// Not written: take the single-batch path.
+    Alone,
+}
+
+impl Job {
+    pub(crate) fn new(
+        write: &WriteBatch<'_>,
+        first: Classified<'_>,
+        mut prepared: Prepared,
+    ) -> Self {
+        let Classified {
+            events,
+            mut dead_letters,
+            duplicates,
+        } = first;
+        let mut rows = STORED_ROWS.take(events.len());
+        let mut claims = Vec::with_capacity(events.len() * 112);
+        for event in &events {
+            match prepared.take(event.kafka_offset) {
+                Ok(row) => {
+                    encode_event_id_row_binary(&mut claims, event);
+                    rows.push(row);
+                }
+                Err(reason) => dead_letters.push(dead_letter_for(write.batch, event, reason)),
+            }
+        }
+        Self {
+            key: write.key.clone(),
+            expected: write.expected,
+            next_offset: write.batch.next_offset,
+            writer: write.writer.to_owned(),
+            rows,
+            claims,
+            dead_letters,
+            duplicates,
+            keys_used: prepared.take_keys_used(),
+            reply: None,
+        }
+    }
+
+    fn answer(&mut self, reply: Reply) {
+        if let Some(tx) = self.reply.take() {
+            if let Reply::Alone = reply {
+                metrics::counter!("audit_group_commit_handbacks_total").increment(1);
+            }
+            // The writer may have gone (its actor stopped): nothing to tell.
+            let _ = tx.send(reply);
+        }
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        STORED_ROWS.give(std::mem::take(&mut self.rows));
+        // A job dropped unanswered (a bug, a panic) is not lost: its
+        // writer writes it alone.
+        self.answer(Reply::Alone);
+    }
+}
+
+/// The committers of one store: a bounded queue and the tasks that drain it.
+#[derive(Clone)]
+pub(crate) struct GroupCommit {
+    queue: mpsc::Sender<Job>,
+}
+
+impl GroupCommit {
+    /// Starts `committers` tasks (each holds one connection while it
+    /// commits). `store` must have no group of its own: the tasks end when
+    /// every other handle to the queue is gone.
+    pub(crate) fn start(store: PgEventStore, committers: usize) -> Self {
+        let (queue, jobs) = mpsc::channel(QUEUE);
+        let jobs = Arc::new(Mutex::new(jobs));
+        for _ in 0..committers.max(1) {
+            tokio::spawn(run(store.clone(), jobs.clone()));
+        }
+        Self { queue }
+    }
+
+    /// Queues a batch and waits for its group's outcome.
+    pub(crate) async fn submit(&self, mut job: Job) -> Reply {
+        let (tx, rx) = oneshot::channel();
+        job.reply = Some(tx);
+        if let Err(mpsc::error::SendError(mut job)) = self.queue.send(job).await {
+            job.reply = None;
+            return Reply::Alone;
+        }
+        rx.await.unwrap_or(Reply::Alone)
+    }
+}
+
+async fn run(store: PgEventStore, jobs: Arc<Mutex<mpsc::Receiver<Job>>>) {
+    loop {
+        let group = {
+            let mut jobs = jobs.lock().await;
+            let Some(first) = jobs.recv().await else {
+                return;
+            };
+            let mut rows = first.rows.len();
+            let mut group = vec![first];
+            // Whatever else is ready joins; nothing waits for more.
+            while rows < MAX_GROUP_ROWS {
+                match jobs.try_recv() {
+                    Ok(job) => {
+                        rows += job.rows.len();
+                        group.push(job);
+                    }
+                    Err(_) => break,
+                }
+            }
+            group
+        };
+        commit(&store, group).await;
+    }
+}
+
+/// Writes a group in one transaction and answers every job.
+async fn commit(store: &PgEventStore, mut jobs: Vec<Job>) {
+    // One lock order for every group: no two groups wait on each other.
+    jobs.sort_by(|a, b| a.key.cmp(&b.key));
+    match try_commit(store, &mut jobs).await {
+        Ok(heads) => {
+            if let Some(checkpoints) = store.checkpointer() {
+                for head in &heads {
+                    checkpoints.observe(store.pool(), head).await;
+                }
+            }
+        }
+        Err(error) => {
+            let alone = matches!(error, StoreError::Data(_));
+            for job in &mut jobs {
+                // A row the database refuses: the single-batch path finds
+                // it and makes it a dead letter. Anything else: the writers
+                // retry as they would after their own transaction failed.
+                job.answer(if alone {
+                    Reply::Alone
+                } else {
+                    Reply::Done(Err(error.clone()))
+                });
+            }
+        }
+    }
+}
+
+/// The group's transaction. Jobs answered on the way (fenced, or handed
+/// back) leave `jobs`; the rest are answered once committed.
+async fn try_commit(
+    store: &PgEventStore,
+    jobs: &mut Vec<Job>,
+) -> Result<Vec<ChainHead>, StoreError> {
+    let mut tx = store.pool().begin().await?;
+    let mut pending = std::mem::take(jobs).into_iter();
+    while let Some(mut job) = pending.next() {
+        match fence(&mut tx, &job.key, job.expected, &job.writer).await {
+            Ok(None) => jobs.push(job),
+            Ok(Some(stored)) => job.answer(Reply::Done(Ok(WriteOutcome::Fenced { stored }))),
+            Err(e) => {
+                jobs.push(job);
+                jobs.extend(pending);
+                return Err(e);
+            }
+        }
+    }
+
+    // Every id new (the common case): one COPY claims them all. If one is
+    // taken, find whose, one batch at a time, and hand those back.
+    sqlx::query("SAVEPOINT claim").execute(&mut *tx).await?;
+    let all: Vec<&[u8]> = jobs.iter().map(|j| j.claims.as_slice()).collect();
+    if let CopyClaim::Refused = copy_claim_rows(&mut tx, &all).await? {
+        sqlx::query("ROLLBACK TO SAVEPOINT claim")
+            .execute(&mut *tx)
+            .await?;
+        // A failure on the way drops the jobs not yet tried: they are
+        // handed back (see `Drop`), the others get the error.
+        for mut job in std::mem::take(jobs) {
+            sqlx::query("SAVEPOINT one_batch").execute(&mut *tx).await?;
+            match copy_claim_rows(&mut tx, &[job.claims.as_slice()]).await? {
+                CopyClaim::Claimed => jobs.push(job),
+                CopyClaim::Refused => {
+                    sqlx::query("ROLLBACK TO SAVEPOINT one_batch")
+                        .execute(&mut *tx)
+                        .await?;
+                    job.answer(Reply::Alone);
+                }
+            }
+        }
+    }
+    if jobs.is_empty() {
+        tx.commit().await?;
+        return Ok(Vec::new());
+    }
+
+    let mut keys_used = HashMap::new();
+    for job in jobs.iter_mut() {
+        keys_used.extend(job.keys_used.drain());
+    }
+    protection::pin_keys(&mut tx, &keys_used, store.protection().map(|p| p.as_ref())).await?;
+
+    let mut heads = Vec::with_capacity(jobs.len());
+    let mut scratch = Vec::with_capacity(4096);
+    for job in jobs.iter_mut() {
+        let mut head =
+            lock_chain(&mut tx, &kafka_chain_id(&job.key.topic, job.key.partition)).await?;
+        for row in &mut job.rows {
+            head.link(row, &mut scratch);
+        }
+        heads.push(head);
+    }
+    let rows: Vec<&[StoredEvent]> = jobs.iter().map(|j| j.rows.as_slice()).collect();
+    copy_row_groups(&mut tx, &rows).await?;
+    let mut stats = Vec::with_capacity(jobs.len());
+    for (job, head) in jobs.iter().zip(&heads) {
+        if !job.rows.is_empty() {
+            update_chain(&mut tx, head).await?;
+        }
+        let (dead_letters, duplicates) =
+            insert_rejects(&mut tx, &job.dead_letters, &job.duplicates).await?;
+        advance_offset(&mut tx, &job.key, job.next_offset, &job.writer).await?;
+        stats.push(BatchStats {
+            events: job.rows.len() as u64,
+            dead_letters,
+            duplicates,
+        });
+    }
+    tx.commit().await?;
+    metrics::histogram!("audit_group_commit_batches").record(jobs.len() as f64);
+    for (job, stats) in jobs.iter_mut().zip(stats) {
+        job.answer(Reply::Done(Ok(WriteOutcome::Committed(stats))));
+    }
+    Ok(heads)
+}
