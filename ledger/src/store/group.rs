@@ -17,12 +17,13 @@ use uuid::Uuid;
 
 use super::chain::{encode_event_id_row_binary, kafka_chain_id, ChainHead, StoredEvent};
 use super::postgres::{
-    advance_offset, copy_claim_rows, copy_row_groups, dead_letter_for, fence, insert_rejects,
-    lock_chain, update_chain, CopyClaim, PgEventStore, STORED_ROWS,
+    chain_head, copy_claim_rows, copy_row_groups, dead_letter_for, insert_rejects, CopyClaim,
+    PgEventStore, STORED_ROWS,
 };
 use super::protection::{self, Prepared};
 use super::{BatchStats, OffsetKey, WriteBatch, WriteOutcome};
 use crate::batch::{Classified, Duplicate};
+use crate::canonical::GENESIS;
 use crate::envelope::DeadLetter;
 use crate::error::StoreError;
 
@@ -202,18 +203,7 @@ async fn try_commit(
     jobs: &mut Vec<Job>,
 ) -> Result<Vec<ChainHead>, StoreError> {
     let mut tx = store.pool().begin().await?;
-    let mut pending = std::mem::take(jobs).into_iter();
-    while let Some(mut job) = pending.next() {
-        match fence(&mut tx, &job.key, job.expected, &job.writer).await {
-            Ok(None) => jobs.push(job),
-            Ok(Some(stored)) => job.answer(Reply::Done(Ok(WriteOutcome::Fenced { stored }))),
-            Err(e) => {
-                jobs.push(job);
-                jobs.extend(pending);
-                return Err(e);
-            }
-        }
-    }
+    fence_all(&mut tx, jobs).await?;
 
     // Every id new (the common case): one COPY claims them all. If one is
     // taken, find whose, one batch at a time, and hand those back.
@@ -249,36 +239,181 @@ async fn try_commit(
     }
     protection::pin_keys(&mut tx, &keys_used, store.protection().map(|p| p.as_ref())).await?;
 
+    let chain_ids: Vec<String> = jobs
+        .iter()
+        .map(|j| kafka_chain_id(&j.key.topic, j.key.partition))
+        .collect();
+    let mut locked = lock_chains(&mut tx, &chain_ids).await?;
     let mut heads = Vec::with_capacity(jobs.len());
-    let mut scratch = Vec::with_capacity(4096);
-    for job in jobs.iter_mut() {
-        let mut head =
-            lock_chain(&mut tx, &kafka_chain_id(&job.key.topic, job.key.partition)).await?;
-        for row in &mut job.rows {
-            head.link(row, &mut scratch);
-        }
-        heads.push(head);
+    for chain_id in &chain_ids {
+        heads.push(locked.remove(chain_id).ok_or_else(|| {
+            StoreError::Fatal(format!("chain {chain_id} not found after it was created"))
+        })?);
     }
+    super::cpu::bound(|| {
+        let mut scratch = Vec::with_capacity(4096);
+        for (job, head) in jobs.iter_mut().zip(&mut heads) {
+            for row in &mut job.rows {
+                head.link(row, &mut scratch);
+            }
+        }
+    });
     let rows: Vec<&[StoredEvent]> = jobs.iter().map(|j| j.rows.as_slice()).collect();
     copy_row_groups(&mut tx, &rows).await?;
+    update_chains(&mut tx, jobs, &heads).await?;
     let mut stats = Vec::with_capacity(jobs.len());
-    for (job, head) in jobs.iter().zip(&heads) {
-        if !job.rows.is_empty() {
-            update_chain(&mut tx, head).await?;
-        }
+    for job in jobs.iter() {
         let (dead_letters, duplicates) =
             insert_rejects(&mut tx, &job.dead_letters, &job.duplicates).await?;
-        advance_offset(&mut tx, &job.key, job.next_offset, &job.writer).await?;
         stats.push(BatchStats {
             events: job.rows.len() as u64,
             dead_letters,
             duplicates,
         });
     }
+    advance_offsets(&mut tx, jobs).await?;
     tx.commit().await?;
     metrics::histogram!("audit_group_commit_batches").record(jobs.len() as f64);
     for (job, stats) in jobs.iter_mut().zip(stats) {
         job.answer(Reply::Done(Ok(WriteOutcome::Committed(stats))));
     }
     Ok(heads)
+}
+
+/// Locks the offset rows of every job, in key order (claiming the rows of
+/// partitions' first batches), and answers the fenced jobs, which leave
+/// `jobs`.
+async fn fence_all(tx: &mut sqlx::PgConnection, jobs: &mut Vec<Job>) -> Result<(), StoreError> {
+    let first: Vec<&Job> = jobs.iter().filter(|j| j.expected.is_none()).collect();
+    if !first.is_empty() {
+        // First batches: claim the row so a concurrent first writer blocks
+        // on it instead of racing past the check.
+        sqlx::query(
+            "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_by)
+             SELECT g, t, p, NULL, w FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[]) AS u(g, t, p, w)
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(first.iter().map(|j| j.key.group_id.as_str()).collect::<Vec<_>>())
+        .bind(first.iter().map(|j| j.key.topic.as_str()).collect::<Vec<_>>())
+        .bind(first.iter().map(|j| j.key.partition).collect::<Vec<_>>())
+        .bind(first.iter().map(|j| j.writer.as_str()).collect::<Vec<_>>())
+        .execute(&mut *tx)
+        .await?;
+    }
+    // Locked in the order the jobs are sorted in (bytewise, as "C" sorts).
+    let stored: Vec<(String, String, i32, Option<i64>)> = sqlx::query_as(
+        r#"SELECT o.group_id, o.topic, o.partition, o.next_offset
+           FROM consumer_offsets o
+           JOIN unnest($1::text[], $2::text[], $3::int4[]) AS u(g, t, p)
+             ON o.group_id = u.g AND o.topic = u.t AND o.partition = u.p
+           ORDER BY o.group_id COLLATE "C", o.topic COLLATE "C", o.partition
+           FOR UPDATE OF o"#,
+    )
+    .bind(
+        jobs.iter()
+            .map(|j| j.key.group_id.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(
+        jobs.iter()
+            .map(|j| j.key.topic.as_str())
+            .collect::<Vec<_>>(),
+    )
+    .bind(jobs.iter().map(|j| j.key.partition).collect::<Vec<_>>())
+    .fetch_all(&mut *tx)
+    .await?;
+    let stored: HashMap<(String, String, i32), Option<i64>> = stored
+        .into_iter()
+        .map(|(g, t, p, next)| ((g, t, p), next))
+        .collect();
+    for mut job in std::mem::take(jobs) {
+        let position = (
+            job.key.group_id.clone(),
+            job.key.topic.clone(),
+            job.key.partition,
+        );
+        let now = stored.get(&position).copied().flatten();
+        if now == job.expected {
+            jobs.push(job);
+        } else {
+            job.answer(Reply::Done(Ok(WriteOutcome::Fenced { stored: now })));
+        }
+    }
+    Ok(())
+}
+
+/// Creates the chains that are new and locks them all, in id order.
+async fn lock_chains(
+    tx: &mut sqlx::PgConnection,
+    chain_ids: &[String],
+) -> Result<HashMap<String, ChainHead>, StoreError> {
+    sqlx::query(
+        "INSERT INTO chains (chain_id, length, head_hash, frontier)
+         SELECT c, 0, $2, '' FROM unnest($1::text[]) AS u(c)
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(chain_ids)
+    .bind(&GENESIS[..])
+    .execute(&mut *tx)
+    .await?;
+    let rows: Vec<(String, i64, Vec<u8>, Vec<u8>)> = sqlx::query_as(
+        r#"SELECT chain_id, length, head_hash, frontier FROM chains
+           WHERE chain_id = ANY($1) ORDER BY chain_id COLLATE "C" FOR UPDATE"#,
+    )
+    .bind(chain_ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    rows.into_iter()
+        .map(|(id, length, head, frontier)| {
+            let head = chain_head(&id, length, head, frontier)?;
+            Ok((id, head))
+        })
+        .collect()
+}
+
+/// Stores the heads of the chains that grew.
+async fn update_chains(
+    tx: &mut sqlx::PgConnection,
+    jobs: &[Job],
+    heads: &[ChainHead],
+) -> Result<(), StoreError> {
+    let grown: Vec<&ChainHead> = jobs
+        .iter()
+        .zip(heads)
+        .filter(|(job, _)| !job.rows.is_empty())
+        .map(|(_, head)| head)
+        .collect();
+    if grown.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "UPDATE chains AS c SET length = u.length, head_hash = u.head, frontier = u.frontier,
+                updated_at = now()
+         FROM unnest($1::text[], $2::int8[], $3::bytea[], $4::bytea[]) AS u(chain_id, length, head, frontier)
+         WHERE c.chain_id = u.chain_id",
+    )
+    .bind(grown.iter().map(|h| h.chain_id.as_str()).collect::<Vec<_>>())
+    .bind(grown.iter().map(|h| h.length as i64).collect::<Vec<_>>())
+    .bind(grown.iter().map(|h| h.head_hash.to_vec()).collect::<Vec<_>>())
+    .bind(grown.iter().map(|h| h.frontier.to_bytes()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
+}
+
+/// Moves every job's offset past its batch.
+async fn advance_offsets(tx: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), StoreError> {
+    sqlx::query(
+        "UPDATE consumer_offsets AS o SET next_offset = u.next, updated_at = now(), updated_by = u.w
+         FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::text[]) AS u(g, t, p, next, w)
+         WHERE o.group_id = u.g AND o.topic = u.t AND o.partition = u.p",
+    )
+    .bind(jobs.iter().map(|j| j.key.group_id.as_str()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.key.topic.as_str()).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.key.partition).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.next_offset).collect::<Vec<_>>())
+    .bind(jobs.iter().map(|j| j.writer.as_str()).collect::<Vec<_>>())
+    .execute(&mut *tx)
+    .await?;
+    Ok(())
 }

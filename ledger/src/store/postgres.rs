@@ -771,9 +771,16 @@ pub(crate) async fn lock_chain(
     .bind(chain_id)
     .fetch_one(&mut *conn)
     .await?;
-    let length: i64 = row.try_get(0)?;
-    let head: Vec<u8> = row.try_get(1)?;
-    let frontier: Vec<u8> = row.try_get(2)?;
+    chain_head(chain_id, row.try_get(0)?, row.try_get(1)?, row.try_get(2)?)
+}
+
+/// A chain's head from its `chains` row.
+pub(crate) fn chain_head(
+    chain_id: &str,
+    length: i64,
+    head: Vec<u8>,
+    frontier: Vec<u8>,
+) -> Result<ChainHead, StoreError> {
     let corrupt = |what: String| {
         StoreError::Fatal(format!("chain {chain_id}: {what}; run `audit-node verify`"))
     };
