@@ -250,14 +250,12 @@ async fn try_commit(
             StoreError::Fatal(format!("chain {chain_id} not found after it was created"))
         })?);
     }
-    super::cpu::bound(|| {
-        let mut scratch = Vec::with_capacity(4096);
-        for (job, head) in jobs.iter_mut().zip(&mut heads) {
-            for row in &mut job.rows {
-                head.link(row, &mut scratch);
-            }
+    let mut scratch = Vec::with_capacity(4096);
+    for (job, head) in jobs.iter_mut().zip(&mut heads) {
+        for row in &mut job.rows {
+            head.link(row, &mut scratch);
         }
-    });
+    }
     let rows: Vec<&[StoredEvent]> = jobs.iter().map(|j| j.rows.as_slice()).collect();
     copy_row_groups(&mut tx, &rows).await?;
     update_chains(&mut tx, jobs, &heads).await?;

@@ -12,7 +12,6 @@ use crate::error::StoreError;
 pub mod chain;
 pub mod checkpointer;
 pub mod conformance;
-mod cpu;
 mod group;
 pub mod memory;
 pub mod postgres;

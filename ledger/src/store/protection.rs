@@ -432,32 +432,27 @@ pub async fn prepare(
 ) -> Result<Prepared, StoreError> {
     let ingested_at = Utc::now();
     let mut batch = take_scratch();
-    let (scans, subjects) = super::cpu::bound(|| {
-        let mut scans = Vec::with_capacity(events.len());
-        let mut subjects = Vec::with_capacity(events.len());
-        for event in events {
-            let plan = protection.map(|p| p.policy.plan_for(&event.event_type));
-            // With `arbitrary_precision`, serde_json reads an object keyed by its
-            // private token as a number: refuse rather than store altered data.
-            // (The payload's scan checks the payload.)
-            let metadata_reserved = event.metadata.as_deref().is_some_and(|m| reserved(m.get()));
-            let scanned = if metadata_reserved {
-                Err("the metadata uses the reserved key prefix `$serde_json::private::`")
-            } else {
-                Ok(batch.scan(event.payload.get(), plan))
-            };
-            let subject = match (&scanned, protection) {
-                (_, None) => None,
-                (Ok(scanned), Some(_)) => {
-                    event.subject_id.clone().or_else(|| batch.subject(scanned))
-                }
-                (Err(_), Some(_)) => event.subject_id.clone(),
-            };
-            subjects.push(subject);
-            scans.push(scanned);
-        }
-        (scans, subjects)
-    });
+    let mut scans = Vec::with_capacity(events.len());
+    let mut subjects = Vec::with_capacity(events.len());
+    for event in events {
+        let plan = protection.map(|p| p.policy.plan_for(&event.event_type));
+        // With `arbitrary_precision`, serde_json reads an object keyed by its
+        // private token as a number: refuse rather than store altered data.
+        // (The payload's scan checks the payload.)
+        let metadata_reserved = event.metadata.as_deref().is_some_and(|m| reserved(m.get()));
+        let scanned = if metadata_reserved {
+            Err("the metadata uses the reserved key prefix `$serde_json::private::`")
+        } else {
+            Ok(batch.scan(event.payload.get(), plan))
+        };
+        let subject = match (&scanned, protection) {
+            (_, None) => None,
+            (Ok(scanned), Some(_)) => event.subject_id.clone().or_else(|| batch.subject(scanned)),
+            (Err(_), Some(_)) => event.subject_id.clone(),
+        };
+        subjects.push(subject);
+        scans.push(scanned);
+    }
     let keys = match protection {
         Some(protection) => {
             let wanted: Vec<&str> = subjects
@@ -469,23 +464,21 @@ pub async fn prepare(
         None => HashMap::new(),
     };
     let mut prepared = Prepared::with_capacity(events.len());
-    super::cpu::bound(|| {
-        let mut rng = rand::thread_rng();
-        for ((event, scanned), subject) in events.iter().zip(scans).zip(&subjects) {
-            let result = store_form(
-                protection,
-                &keys,
-                event,
-                scanned,
-                subject.as_deref(),
-                ingested_at,
-                &mut batch,
-                &mut rng,
-                &mut prepared.keys_used,
-            );
-            prepared.push(event.kafka_offset, result);
-        }
-    });
+    let mut rng = rand::thread_rng();
+    for ((event, scanned), subject) in events.iter().zip(scans).zip(&subjects) {
+        let result = store_form(
+            protection,
+            &keys,
+            event,
+            scanned,
+            subject.as_deref(),
+            ingested_at,
+            &mut batch,
+            &mut rng,
+            &mut prepared.keys_used,
+        );
+        prepared.push(event.kafka_offset, result);
+    }
     return_scratch(batch);
     // The subjects move into their rows once the keys, which borrow them,
     // are done with.
