@@ -34,6 +34,20 @@ impl TestDatabase {
     }
 }
 
+/// Plants a rule validation does not know about, as the database's owner:
+/// `events` refuses a stream called `poison` (SQLSTATE 23514), the way a
+/// value the database rejects reaches a batch that passed validation.
+pub async fn plant_poison_rule(url: &str) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let mut owner =
+        sqlx::PgConnection::connect_with(&crate::store::postgres::connect_options(url)?).await?;
+    sqlx::query("ALTER TABLE events ADD CONSTRAINT planted CHECK (stream_id <> 'poison')")
+        .execute(&mut owner)
+        .await?;
+    owner.close().await?;
+    Ok(())
+}
+
 fn replace_database(url: &str, name: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),

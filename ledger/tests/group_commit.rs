@@ -11,8 +11,7 @@ use audit_ledger::store::postgres::PgConfig;
 use audit_ledger::store::PgEventStore;
 use audit_ledger::testing::TestDatabase;
 use audit_ledger::{
-    BatchStats, EventStore, OffsetKey, ParseOptions, PreparedBatch, StoreError, WriteBatch,
-    WriteOutcome,
+    BatchStats, EventStore, OffsetKey, ParseOptions, PreparedBatch, WriteBatch, WriteOutcome,
 };
 
 const TOPIC: &str = "orders";
@@ -62,11 +61,12 @@ async fn grouped_store(db: &TestDatabase) -> PgEventStore {
     .expect("connect")
 }
 
-/// Writes all batches at once; `expected[i]` is batch i's expected offset.
+/// Writes all batches at once (key, expected offset, batch); panics on a
+/// store error.
 async fn write_all(
     store: &PgEventStore,
     batches: &[(OffsetKey, Option<i64>, PreparedBatch)],
-) -> Vec<Result<WriteOutcome, StoreError>> {
+) -> Vec<WriteOutcome> {
     futures::future::join_all(batches.iter().map(|(key, expected, batch)| {
         store.write_batch(WriteBatch {
             key,
@@ -76,6 +76,9 @@ async fn write_all(
         })
     }))
     .await
+    .into_iter()
+    .map(|outcome| outcome.expect("write"))
+    .collect()
 }
 
 fn committed(events: u64, dead_letters: u64, duplicates: u64) -> WriteOutcome {
@@ -103,7 +106,7 @@ async fn batches_of_several_partitions_commit_in_one_transaction() {
         .map(|p| (key(p), None, batch(p, 0, &ids(p, 0, 3))))
         .collect();
     for outcome in write_all(&store, &batches).await {
-        assert_eq!(outcome.expect("write"), committed(3, 0, 0));
+        assert_eq!(outcome, committed(3, 0, 0));
     }
     assert_eq!(transactions(&store).await, 1);
     for p in 0..6 {
@@ -123,7 +126,7 @@ async fn batches_of_several_partitions_commit_in_one_transaction() {
         .map(|p| (key(p), Some(3), batch(p, 3, &ids(p, 3, 2))))
         .collect();
     for outcome in write_all(&store, &next).await {
-        assert_eq!(outcome.expect("write"), committed(2, 0, 0));
+        assert_eq!(outcome, committed(2, 0, 0));
     }
     let lengths: Vec<i64> = sqlx::query_scalar("SELECT length FROM chains ORDER BY chain_id")
         .fetch_all(store.pool())
@@ -165,11 +168,7 @@ async fn a_group_hands_back_taken_ids_and_answers_fenced_batches() {
         (key(3), None, batch(3, 0, &ids(3, 0, 2))),
         (key(4), None, batch(4, 0, &ids(4, 0, 2))),
     ];
-    let outcomes: Vec<_> = write_all(&store, &batches)
-        .await
-        .into_iter()
-        .map(|o| o.expect("write"))
-        .collect();
+    let outcomes = write_all(&store, &batches).await;
     assert_eq!(
         outcomes,
         vec![
@@ -203,16 +202,9 @@ async fn a_group_hands_back_taken_ids_and_answers_fenced_batches() {
 #[tokio::test]
 async fn a_refused_row_sends_its_group_down_the_single_batch_path() {
     let db = TestDatabase::create().await.expect("test database");
-    let owner = PgEventStore::connect(&PgConfig {
-        role: None,
-        ..PgConfig::new(&db.url)
-    })
-    .await
-    .unwrap();
-    sqlx::query("ALTER TABLE events ADD CONSTRAINT planted CHECK (stream_id <> 'poison')")
-        .execute(owner.pool())
+    audit_ledger::testing::plant_poison_rule(&db.url)
         .await
-        .unwrap();
+        .expect("plant a rule");
     let store = grouped_store(&db).await;
     let mut poisoned = ids(2, 0, 3);
     poisoned[1].push_str("poison");
@@ -226,11 +218,7 @@ async fn a_refused_row_sends_its_group_down_the_single_batch_path() {
             (key(p), None, batch(p, 0, &ids))
         })
         .collect();
-    let outcomes: Vec<_> = write_all(&store, &batches)
-        .await
-        .into_iter()
-        .map(|o| o.expect("write"))
-        .collect();
+    let outcomes = write_all(&store, &batches).await;
     assert_eq!(
         outcomes,
         vec![
@@ -246,6 +234,5 @@ async fn a_refused_row_sends_its_group_down_the_single_batch_path() {
         .unwrap();
     assert_eq!(reason, "rejected_by_database");
     store.pool().close().await;
-    owner.pool().close().await;
     db.drop_database().await;
 }

@@ -22,6 +22,22 @@ async fn postgres_store_conforms() {
     db.drop_database().await;
 }
 
+/// The same suite through group commit (`ledger/tests/group_commit.rs` has
+/// the cases only a group meets).
+#[tokio::test]
+async fn postgres_store_with_group_commit_conforms() {
+    let db = TestDatabase::create().await.expect("test database");
+    let store = PgEventStore::connect(&PgConfig {
+        group_committers: 2,
+        ..PgConfig::new(&db.url)
+    })
+    .await
+    .expect("connect");
+    conformance::run_all(&store).await;
+    store.pool().close().await;
+    db.drop_database().await;
+}
+
 /// UPDATE, DELETE and TRUNCATE are refused by the database, both for the
 /// owner (trigger) and for the writer role (privileges and trigger).
 #[tokio::test]
@@ -114,17 +130,9 @@ fn batch_of(values: &[String]) -> audit_ledger::PreparedBatch {
 async fn a_row_the_database_refuses_becomes_a_dead_letter() {
     use audit_ledger::WriteOutcome;
     let db = TestDatabase::create().await.expect("test database");
-    let owner = PgEventStore::connect(&PgConfig {
-        role: None,
-        ..PgConfig::new(&db.url)
-    })
-    .await
-    .unwrap();
-    // Plant a rule the validation does not know about.
-    sqlx::query("ALTER TABLE events ADD CONSTRAINT planted CHECK (stream_id <> 'poison')")
-        .execute(owner.pool())
+    audit_ledger::testing::plant_poison_rule(&db.url)
         .await
-        .unwrap();
+        .expect("plant a rule");
     let store = PgEventStore::connect(&PgConfig::new(&db.url))
         .await
         .unwrap();
@@ -152,7 +160,6 @@ async fn a_row_the_database_refuses_becomes_a_dead_letter() {
     assert!(reason.contains("planted"), "{reason}");
     assert_eq!(raw, values[1].as_bytes());
     store.pool().close().await;
-    owner.pool().close().await;
     db.drop_database().await;
 }
 

@@ -44,8 +44,8 @@ pub struct Tuning {
     /// PostgreSQL connections of the node.
     #[arg(long, env = "AUDIT_DB_MAX_CONNECTIONS")]
     pub db_max_connections: Option<u32>,
-    /// Tasks that commit the batches of several partitions in one transaction (group commit); 0: a transaction per batch.
-    #[arg(long, env = "AUDIT_DB_GROUP_COMMITTERS", default_value_t = 2)]
+    /// Tasks that commit the batches of several partitions in one transaction (group commit); 0 (the default): a transaction per batch.
+    #[arg(long, env = "AUDIT_DB_GROUP_COMMITTERS", default_value_t = 0)]
     pub db_group_committers: usize,
     /// Role the node writes with (`SET ROLE`); empty keeps the login role.
     #[arg(long, env = "AUDIT_DB_ROLE")]

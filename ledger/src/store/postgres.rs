@@ -53,8 +53,8 @@ pub struct PgConfig {
     /// (docs/DECISIONS.md, Decision 47).
     pub generic_plans: bool,
     /// Tasks that commit batches of several partitions together (group
-    /// commit, `store::group`); 0 writes every batch in a transaction of
-    /// its own.
+    /// commit, `store::group`); 0 (the default) writes every batch in a
+    /// transaction of its own.
     pub group_committers: usize,
 }
 
@@ -67,7 +67,7 @@ impl PgConfig {
             statement_timeout: Duration::from_secs(60),
             acquire_timeout: Duration::from_secs(10),
             generic_plans: false,
-            group_committers: 2,
+            group_committers: 0,
         }
     }
 }
