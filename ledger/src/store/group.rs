@@ -286,20 +286,22 @@ async fn fence_all(tx: &mut sqlx::PgConnection, jobs: &mut Vec<Job>) -> Result<(
     if !first.is_empty() {
         // First batches: claim the row so a concurrent first writer blocks
         // on it instead of racing past the check.
+        let (groups, topics, partitions, writers) = key_columns(first.iter().copied());
         sqlx::query(
             "INSERT INTO consumer_offsets (group_id, topic, partition, next_offset, updated_by)
              SELECT g, t, p, NULL, w FROM unnest($1::text[], $2::text[], $3::int4[], $4::text[]) AS u(g, t, p, w)
              ON CONFLICT DO NOTHING",
         )
-        .bind(first.iter().map(|j| j.key.group_id.as_str()).collect::<Vec<_>>())
-        .bind(first.iter().map(|j| j.key.topic.as_str()).collect::<Vec<_>>())
-        .bind(first.iter().map(|j| j.key.partition).collect::<Vec<_>>())
-        .bind(first.iter().map(|j| j.writer.as_str()).collect::<Vec<_>>())
+        .bind(groups)
+        .bind(topics)
+        .bind(partitions)
+        .bind(writers)
         .execute(&mut *tx)
         .await?;
     }
     // Locked in the order the jobs are sorted in (bytewise, as "C" sorts).
-    let stored: Vec<(String, String, i32, Option<i64>)> = sqlx::query_as(
+    let (groups, topics, partitions, _) = key_columns(jobs.iter());
+    let rows: Vec<(String, String, i32, Option<i64>)> = sqlx::query_as(
         r#"SELECT o.group_id, o.topic, o.partition, o.next_offset
            FROM consumer_offsets o
            JOIN unnest($1::text[], $2::text[], $3::int4[]) AS u(g, t, p)
@@ -307,27 +309,19 @@ async fn fence_all(tx: &mut sqlx::PgConnection, jobs: &mut Vec<Job>) -> Result<(
            ORDER BY o.group_id COLLATE "C", o.topic COLLATE "C", o.partition
            FOR UPDATE OF o"#,
     )
-    .bind(
-        jobs.iter()
-            .map(|j| j.key.group_id.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(
-        jobs.iter()
-            .map(|j| j.key.topic.as_str())
-            .collect::<Vec<_>>(),
-    )
-    .bind(jobs.iter().map(|j| j.key.partition).collect::<Vec<_>>())
+    .bind(groups)
+    .bind(topics)
+    .bind(partitions)
     .fetch_all(&mut *tx)
     .await?;
-    let stored: HashMap<(String, String, i32), Option<i64>> = stored
-        .into_iter()
-        .map(|(g, t, p, next)| ((g, t, p), next))
+    let stored: HashMap<(&str, &str, i32), Option<i64>> = rows
+        .iter()
+        .map(|(g, t, p, next)| ((g.as_str(), t.as_str(), *p), *next))
         .collect();
     for mut job in std::mem::take(jobs) {
         let position = (
-            job.key.group_id.clone(),
-            job.key.topic.clone(),
+            job.key.group_id.as_str(),
+            job.key.topic.as_str(),
             job.key.partition,
         );
         let now = stored.get(&position).copied().flatten();
@@ -338,6 +332,20 @@ async fn fence_all(tx: &mut sqlx::PgConnection, jobs: &mut Vec<Job>) -> Result<(
         }
     }
     Ok(())
+}
+
+/// The jobs' offset keys and writers, as columns to bind as arrays.
+fn key_columns<'a>(
+    jobs: impl Iterator<Item = &'a Job>,
+) -> (Vec<&'a str>, Vec<&'a str>, Vec<i32>, Vec<&'a str>) {
+    let mut columns = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for job in jobs {
+        columns.0.push(job.key.group_id.as_str());
+        columns.1.push(job.key.topic.as_str());
+        columns.2.push(job.key.partition);
+        columns.3.push(job.writer.as_str());
+    }
+    columns
 }
 
 /// Creates the chains that are new and locks them all, in id order.
@@ -401,16 +409,17 @@ async fn update_chains(
 
 /// Moves every job's offset past its batch.
 async fn advance_offsets(tx: &mut sqlx::PgConnection, jobs: &[Job]) -> Result<(), StoreError> {
+    let (groups, topics, partitions, writers) = key_columns(jobs.iter());
     sqlx::query(
         "UPDATE consumer_offsets AS o SET next_offset = u.next, updated_at = now(), updated_by = u.w
          FROM unnest($1::text[], $2::text[], $3::int4[], $4::int8[], $5::text[]) AS u(g, t, p, next, w)
          WHERE o.group_id = u.g AND o.topic = u.t AND o.partition = u.p",
     )
-    .bind(jobs.iter().map(|j| j.key.group_id.as_str()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.key.topic.as_str()).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.key.partition).collect::<Vec<_>>())
+    .bind(groups)
+    .bind(topics)
+    .bind(partitions)
     .bind(jobs.iter().map(|j| j.next_offset).collect::<Vec<_>>())
-    .bind(jobs.iter().map(|j| j.writer.as_str()).collect::<Vec<_>>())
+    .bind(writers)
     .execute(&mut *tx)
     .await?;
     Ok(())

@@ -289,13 +289,7 @@ impl PgEventStore {
         if self.group_committers == 0 {
             return None;
         }
-        let position = (key.topic.clone(), key.partition);
-        if self
-            .claim_conflicts
-            .lock()
-            .map(|set| set.contains(&position))
-            .unwrap_or(false)
-        {
+        if self.claim_conflicted(&key.topic, key.partition) {
             return None;
         }
         Some(self.group.get_or_init(|| {
@@ -308,6 +302,14 @@ impl PgEventStore {
             };
             GroupCommit::start(committers, self.group_committers)
         }))
+    }
+
+    /// Whether the partition's last batch held an id already claimed.
+    fn claim_conflicted(&self, topic: &str, partition: i32) -> bool {
+        self.claim_conflicts
+            .lock()
+            .map(|set| set.contains(&(topic.to_string(), partition)))
+            .unwrap_or(false)
     }
 
     /// Encrypts protected fields with per-subject keys before storing.
@@ -528,13 +530,7 @@ impl PgEventStore {
         partition: i32,
         candidates: &[&Event],
     ) -> Result<Vec<Uuid>, StoreError> {
-        let position = (topic.to_string(), partition);
-        let conflicted = self
-            .claim_conflicts
-            .lock()
-            .map(|set| set.contains(&position))
-            .unwrap_or(false);
-        if !conflicted {
+        if !self.claim_conflicted(topic, partition) {
             match copy_claim_ids(tx, candidates).await? {
                 CopyClaim::Claimed => return Ok(Vec::new()),
                 CopyClaim::Refused => {
@@ -546,6 +542,7 @@ impl PgEventStore {
         }
         let taken: Vec<Uuid> = claim_ids(tx, candidates).await?.into_iter().collect();
         if let Ok(mut set) = self.claim_conflicts.lock() {
+            let position = (topic.to_string(), partition);
             if taken.is_empty() {
                 set.remove(&position);
             } else {
@@ -558,7 +555,7 @@ impl PgEventStore {
 
 /// Locks the partition's offset row and checks it is where this writer
 /// expects it. `Some(stored)`: another writer moved it (fenced).
-pub(crate) async fn fence(
+async fn fence(
     tx: &mut sqlx::PgConnection,
     key: &OffsetKey,
     expected: Option<i64>,
@@ -592,7 +589,7 @@ pub(crate) async fn fence(
 }
 
 /// Moves the partition's offset past the batch (in the batch's transaction).
-pub(crate) async fn advance_offset(
+async fn advance_offset(
     tx: &mut sqlx::PgConnection,
     key: &OffsetKey,
     next_offset: i64,

@@ -387,7 +387,6 @@ impl Prepared {
         self.rows.push(Some(row));
     }
 
-    /// The stored form of the event at `offset`, or why it has none.
     /// Live data keys the rows were encrypted with, and their subjects.
     pub fn keys_used(&self) -> &HashMap<Uuid, String> {
         &self.keys_used
@@ -398,6 +397,7 @@ impl Prepared {
         std::mem::take(&mut self.keys_used)
     }
 
+    /// The stored form of the event at `offset`, or why it has none.
     pub fn take(&mut self, offset: i64) -> Result<StoredEvent, DeadLetterReason> {
         let index = match self.offsets.binary_search(&offset) {
             Ok(index) => Some(index),
