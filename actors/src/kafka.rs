@@ -7,12 +7,11 @@
 //! Apache Kafka, Redpanda, MSK and librdkafka's mock cluster.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, OnceLock, Weak};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use audit_ledger::{Header, RawRecord};
-use futures::StreamExt;
 use ractor::ActorRef;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::stream_consumer::StreamPartitionQueue;
@@ -26,6 +25,7 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 
 use crate::consumer::{Assignment, Connector, ConnectorHandle, ConsumerMsg};
+use crate::readahead::{FetchControl, ReadAhead, Taken};
 use crate::source::{RecordSource, SourceError};
 
 /// How the node talks to Kafka.
@@ -136,6 +136,8 @@ pub const FETCH_DEFAULTS: &[(&str, &str)] = &[("fetch.wait.max.ms", "100")];
 pub struct KafkaContext {
     consumer_actor: ActorRef<ConsumerMsg>,
     consumer: OnceLock<Weak<KafkaConsumer>>,
+    /// Read-ahead bound of each partition (its share of the prefetch budget).
+    prefetch_bytes: usize,
 }
 
 type KafkaConsumer = StreamConsumer<KafkaContext>;
@@ -185,12 +187,13 @@ impl ConsumerContext for KafkaContext {
                         Some(queue) => assignments.push(Assignment {
                             topic: topic.clone(),
                             partition,
-                            source: Arc::new(KafkaPartitionSource {
+                            source: Arc::new(KafkaPartitionSource::new(
                                 topic,
                                 partition,
                                 queue,
-                                consumer: consumer.clone(),
-                            }),
+                                consumer.clone(),
+                                self.prefetch_bytes,
+                            )),
                         }),
                         None => {
                             let _ = self
@@ -231,6 +234,7 @@ impl Connector for KafkaConnector {
         let context = KafkaContext {
             consumer_actor,
             consumer: OnceLock::new(),
+            prefetch_bytes: prefetch_kbytes as usize * 1024,
         };
         let consumer: KafkaConsumer = self
             .settings
@@ -352,8 +356,134 @@ fn close_in_background<T: Send + 'static>(name: &str, client: T) {
 pub struct KafkaPartitionSource {
     topic: String,
     partition: i32,
-    queue: StreamPartitionQueue<KafkaContext>,
     consumer: Arc<KafkaConsumer>,
+    ahead: Arc<ReadAhead>,
+    /// The partition's queue, until the first read starts the reader task.
+    queue: Mutex<Option<StreamPartitionQueue<KafkaContext>>>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// Pauses and resumes one partition of the consumer.
+struct PartitionFetch {
+    consumer: Weak<KafkaConsumer>,
+    tpl: TopicPartitionList,
+}
+
+impl FetchControl for PartitionFetch {
+    fn seek(&self, offset: Option<i64>) -> Result<(), SourceError> {
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Err(SourceError::Transient("the consumer is closing".into()));
+        };
+        let Some(element) = self.tpl.elements().into_iter().next() else {
+            return Err(SourceError::Fatal("no partition to seek".into()));
+        };
+        let (topic, partition) = (element.topic().to_string(), element.partition());
+        let target = offset.map_or(Offset::Beginning, Offset::Offset);
+        // Right after an assignment librdkafka may not accept a seek yet.
+        let mut last = None;
+        for attempt in 0..20u64 {
+            let started = std::time::Instant::now();
+            match consumer.seek(
+                &topic,
+                partition,
+                target,
+                Timeout::After(Duration::from_secs(10)),
+            ) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    tracing::warn!(
+                        topic = %topic,
+                        partition,
+                        attempt = attempt + 1,
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        error = %e,
+                        "partition seek failed; retrying"
+                    );
+                    last = Some(e);
+                    // A partition revoked meanwhile fails every seek
+                    // ("Erroneous state"): give up at once, so that the
+                    // actor sees its stop instead of retrying for seconds.
+                    let assigned = consumer
+                        .assignment()
+                        .map(|tpl| tpl.find_partition(&topic, partition).is_some());
+                    if let Ok(false) = assigned {
+                        return Err(SourceError::Transient(format!(
+                            "seek of {topic}/{partition}: the partition is no longer assigned to this consumer"
+                        )));
+                    }
+                }
+            }
+            std::thread::sleep(Duration::from_millis(50 * (attempt + 1)));
+        }
+        Err(SourceError::Fatal(format!(
+            "seek of {topic}/{partition} to {target:?} failed: {}",
+            last.map(|e| e.to_string()).unwrap_or_default()
+        )))
+    }
+
+    fn pause(&self) -> Result<(), String> {
+        match self.consumer.upgrade() {
+            Some(consumer) => consumer
+                .pause(&self.tpl)
+                .map_err(|e| format!("pause failed: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    fn resume(&self) -> Result<(), String> {
+        match self.consumer.upgrade() {
+            Some(consumer) => consumer
+                .resume(&self.tpl)
+                .map_err(|e| format!("resume failed: {e}")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl KafkaPartitionSource {
+    fn new(
+        topic: String,
+        partition: i32,
+        queue: StreamPartitionQueue<KafkaContext>,
+        consumer: Arc<KafkaConsumer>,
+        prefetch_bytes: usize,
+    ) -> Self {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition(&topic, partition);
+        let control = PartitionFetch {
+            consumer: Arc::downgrade(&consumer),
+            tpl,
+        };
+        Self {
+            topic,
+            partition,
+            consumer,
+            ahead: ReadAhead::new(prefetch_bytes, Arc::new(control)),
+            queue: Mutex::new(Some(queue)),
+            reader: Mutex::new(None),
+        }
+    }
+
+    /// Starts the reader task on the first read (a runtime is certain there;
+    /// rebalance callbacks, which create sources, may run elsewhere).
+    fn start_reader(&self) {
+        let Some(queue) = self.queue.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+            return;
+        };
+        let ahead = self.ahead.clone();
+        let task = tokio::spawn(async move {
+            ahead.fill(queue.stream(), to_record).await;
+        });
+        *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+    }
+}
+
+impl Drop for KafkaPartitionSource {
+    fn drop(&mut self) {
+        if let Some(task) = self.reader.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            task.abort();
+        }
+    }
 }
 
 fn to_record(message: &BorrowedMessage<'_>) -> RawRecord {
@@ -410,76 +540,59 @@ impl RecordSource for KafkaPartitionSource {
         max_wait: Duration,
         linger: Duration,
     ) -> Result<Vec<RawRecord>, SourceError> {
-        // One stream for the whole batch: `recv()` registers and removes a
-        // waker under a lock for every message.
-        let mut stream = self.queue.stream();
-        let first = match tokio::time::timeout(max_wait, stream.next()).await {
-            Err(_idle) => return Ok(Vec::new()),
-            Ok(None) => return Err(SourceError::Transient("the partition stream ended".into())),
-            Ok(Some(Err(error))) => return Err(SourceError::Transient(error.to_string())),
-            Ok(Some(Ok(message))) => to_record(&message),
-        };
+        self.start_reader();
+        let first_deadline = tokio::time::Instant::now() + max_wait;
+        // The recycled buffer is taken only once there is something to read.
+        while !self.ahead.readable() {
+            if tokio::time::timeout_at(first_deadline, self.ahead.arrived())
+                .await
+                .is_err()
+            {
+                return Ok(Vec::new());
+            }
+        }
+        // A batch holds at most twice the read-ahead's bound: with hundreds
+        // of partitions the batches in flight, not the buffers, would
+        // otherwise hold most of the node's memory (batch_max_records each).
+        let budget = self.ahead.limit_bytes().saturating_mul(2);
         let mut records = audit_ledger::batch::record_buffer(max.min(4096));
-        records.push(first);
+        let (_, mut bytes) = self.ahead.take_records(max, budget, &mut records);
+        if records.is_empty() {
+            match self.ahead.take(max, &mut records) {
+                Taken::Records(_) | Taken::Empty => {}
+                Taken::Error(error) => return Err(SourceError::Transient(error)),
+                Taken::Ended => {
+                    return Err(SourceError::Transient("the partition stream ended".into()))
+                }
+            }
+        }
+        // Linger for more, taking what arrives as it arrives, so the buffer
+        // keeps room and the partition keeps fetching meanwhile.
         let deadline = tokio::time::Instant::now() + linger;
-        while records.len() < max {
-            match tokio::time::timeout_at(deadline, stream.next()).await {
-                Ok(Some(Ok(message))) => records.push(to_record(&message)),
-                // An error mid-batch: keep what we have, report it next time.
-                Ok(Some(Err(_))) | Ok(None) | Err(_) => break,
+        while records.len() < max && bytes < budget {
+            let (moved, more) =
+                self.ahead
+                    .take_records(max - records.len(), budget - bytes, &mut records);
+            if moved > 0 {
+                bytes += more;
+                continue;
+            }
+            // An error or the end shows on the next read.
+            if linger.is_zero()
+                || self.ahead.interrupted()
+                || tokio::time::timeout_at(deadline, self.ahead.arrived())
+                    .await
+                    .is_err()
+            {
+                break;
             }
         }
         Ok(records)
     }
 
     async fn seek(&self, offset: Option<i64>) -> Result<(), SourceError> {
-        let consumer = self.consumer.clone();
-        let (topic, partition) = (self.topic.clone(), self.partition);
-        let target = offset.map_or(Offset::Beginning, Offset::Offset);
-        tokio::task::spawn_blocking(move || {
-            // Right after an assignment librdkafka may not accept a seek yet.
-            let mut last = None;
-            for attempt in 0..20u64 {
-                let started = std::time::Instant::now();
-                match consumer.seek(
-                    &topic,
-                    partition,
-                    target,
-                    Timeout::After(Duration::from_secs(10)),
-                ) {
-                    Ok(()) => return Ok(()),
-                    Err(e) => {
-                        tracing::warn!(
-                            topic = %topic,
-                            partition,
-                            attempt = attempt + 1,
-                            waited_ms = started.elapsed().as_millis() as u64,
-                            error = %e,
-                            "partition seek failed; retrying"
-                        );
-                        last = Some(e);
-                        // A partition revoked meanwhile fails every seek
-                        // ("Erroneous state"): give up at once, so that the
-                        // actor sees its stop instead of retrying for seconds.
-                        let assigned = consumer.assignment().map(|tpl| {
-                            tpl.find_partition(&topic, partition).is_some()
-                        });
-                        if let Ok(false) = assigned {
-                            return Err(SourceError::Transient(format!(
-                                "seek of {topic}/{partition}: the partition is no longer assigned to this consumer"
-                            )));
-                        }
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(50 * (attempt + 1)));
-            }
-            Err(SourceError::Fatal(format!(
-                "seek of {topic}/{partition} to {target:?} failed: {}",
-                last.map(|e| e.to_string()).unwrap_or_default()
-            )))
-        })
-        .await
-        .map_err(|e| SourceError::Fatal(e.to_string()))?
+        self.start_reader();
+        self.ahead.seek(offset).await
     }
 
     async fn end_offset(&self) -> Result<Option<i64>, SourceError> {
@@ -498,15 +611,15 @@ impl RecordSource for KafkaPartitionSource {
     }
 
     fn pause(&self) -> Result<(), SourceError> {
-        self.consumer
-            .pause(&self.tpl(None))
-            .map_err(|e| SourceError::Transient(format!("pause failed: {e}")))
+        self.start_reader();
+        self.ahead.hold();
+        Ok(())
     }
 
     fn resume(&self) -> Result<(), SourceError> {
-        self.consumer
-            .resume(&self.tpl(None))
-            .map_err(|e| SourceError::Transient(format!("resume failed: {e}")))
+        self.start_reader();
+        self.ahead.release();
+        Ok(())
     }
 
     fn commit(&self, next_offset: i64) {

@@ -11,6 +11,7 @@ pub mod config;
 pub mod consumer;
 pub mod kafka;
 pub mod partition;
+pub mod readahead;
 pub mod republish;
 pub mod restart;
 pub mod source;
