@@ -363,9 +363,11 @@ pub struct KafkaPartitionSource {
     reader: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Pauses and resumes one partition of the consumer.
+/// Seeks, pauses and resumes one partition of the consumer.
 struct PartitionFetch {
     consumer: Weak<KafkaConsumer>,
+    topic: String,
+    partition: i32,
     tpl: TopicPartitionList,
 }
 
@@ -374,17 +376,14 @@ impl FetchControl for PartitionFetch {
         let Some(consumer) = self.consumer.upgrade() else {
             return Err(SourceError::Transient("the consumer is closing".into()));
         };
-        let Some(element) = self.tpl.elements().into_iter().next() else {
-            return Err(SourceError::Fatal("no partition to seek".into()));
-        };
-        let (topic, partition) = (element.topic().to_string(), element.partition());
+        let (topic, partition) = (&self.topic, self.partition);
         let target = offset.map_or(Offset::Beginning, Offset::Offset);
         // Right after an assignment librdkafka may not accept a seek yet.
         let mut last = None;
         for attempt in 0..20u64 {
             let started = std::time::Instant::now();
             match consumer.seek(
-                &topic,
+                topic,
                 partition,
                 target,
                 Timeout::After(Duration::from_secs(10)),
@@ -405,7 +404,7 @@ impl FetchControl for PartitionFetch {
                     // actor sees its stop instead of retrying for seconds.
                     let assigned = consumer
                         .assignment()
-                        .map(|tpl| tpl.find_partition(&topic, partition).is_some());
+                        .map(|tpl| tpl.find_partition(topic, partition).is_some());
                     if let Ok(false) = assigned {
                         return Err(SourceError::Transient(format!(
                             "seek of {topic}/{partition}: the partition is no longer assigned to this consumer"
@@ -421,22 +420,16 @@ impl FetchControl for PartitionFetch {
         )))
     }
 
-    fn pause(&self) -> Result<(), String> {
-        match self.consumer.upgrade() {
-            Some(consumer) => consumer
-                .pause(&self.tpl)
-                .map_err(|e| format!("pause failed: {e}")),
-            None => Ok(()),
-        }
-    }
-
-    fn resume(&self) -> Result<(), String> {
-        match self.consumer.upgrade() {
-            Some(consumer) => consumer
-                .resume(&self.tpl)
-                .map_err(|e| format!("resume failed: {e}")),
-            None => Ok(()),
-        }
+    fn set_paused(&self, paused: bool) -> Result<(), String> {
+        let Some(consumer) = self.consumer.upgrade() else {
+            return Ok(());
+        };
+        let result = if paused {
+            consumer.pause(&self.tpl)
+        } else {
+            consumer.resume(&self.tpl)
+        };
+        result.map_err(|e| format!("pause or resume failed: {e}"))
     }
 }
 
@@ -452,6 +445,8 @@ impl KafkaPartitionSource {
         tpl.add_partition(&topic, partition);
         let control = PartitionFetch {
             consumer: Arc::downgrade(&consumer),
+            topic: topic.clone(),
+            partition,
             tpl,
         };
         Self {
@@ -556,16 +551,14 @@ impl RecordSource for KafkaPartitionSource {
         // otherwise hold most of the node's memory (batch_max_records each).
         let budget = self.ahead.limit_bytes().saturating_mul(2);
         let mut records = audit_ledger::batch::record_buffer(max.min(4096));
-        let (_, mut bytes) = self.ahead.take_records(max, budget, &mut records);
-        if records.is_empty() {
-            match self.ahead.take(max, &mut records) {
-                Taken::Records(_) | Taken::Empty => {}
-                Taken::Error(error) => return Err(SourceError::Transient(error)),
-                Taken::Ended => {
-                    return Err(SourceError::Transient("the partition stream ended".into()))
-                }
+        let mut bytes = match self.ahead.take(max, budget, &mut records) {
+            Taken::Records(bytes) => bytes,
+            Taken::Empty => 0,
+            Taken::Error(error) => return Err(SourceError::Transient(error)),
+            Taken::Ended => {
+                return Err(SourceError::Transient("the partition stream ended".into()))
             }
-        }
+        };
         // Linger for more, taking what arrives as it arrives, so the buffer
         // keeps room and the partition keeps fetching meanwhile.
         let deadline = tokio::time::Instant::now() + linger;

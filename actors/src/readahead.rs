@@ -34,8 +34,8 @@ const READ_CHUNK: usize = 256;
 /// The partition at the broker: seeking (blocking), pausing, resuming.
 pub trait FetchControl: Send + Sync + 'static {
     fn seek(&self, offset: Option<i64>) -> Result<(), SourceError>;
-    fn pause(&self) -> Result<(), String>;
-    fn resume(&self) -> Result<(), String>;
+    /// Pauses (`true`) or resumes (`false`) fetching.
+    fn set_paused(&self, paused: bool) -> Result<(), String>;
 }
 
 type SeekRequest = (Option<i64>, oneshot::Sender<Result<(), SourceError>>);
@@ -95,7 +95,7 @@ struct State {
 
 /// What a `take` found.
 pub enum Taken {
-    /// This many records, moved.
+    /// Records moved: this many bytes of them.
     Records(usize),
     Error(String),
     Ended,
@@ -137,7 +137,10 @@ impl ReadAhead {
             let request = self.lock().seek.take();
             if let Some((offset, reply)) = request {
                 self.clear();
-                let result = self.blocking(move |c| c.seek(offset)).await;
+                let control = self.control.clone();
+                let result = tokio::task::spawn_blocking(move || control.seek(offset))
+                    .await
+                    .unwrap_or_else(|e| Err(SourceError::Fatal(format!("seek task failed: {e}"))));
                 let _ = reply.send(result);
                 ended = false;
                 continue;
@@ -180,21 +183,6 @@ impl ReadAhead {
         }
     }
 
-    /// Runs a call of the broker-side control on the blocking pool.
-    async fn blocking<T: Send + 'static>(
-        &self,
-        call: impl FnOnce(&dyn FetchControl) -> Result<T, SourceError> + Send + 'static,
-    ) -> Result<T, SourceError> {
-        let control = self.control.clone();
-        tokio::task::spawn_blocking(move || call(control.as_ref()))
-            .await
-            .unwrap_or_else(|e| {
-                Err(SourceError::Fatal(format!(
-                    "fetch control task failed: {e}"
-                )))
-            })
-    }
-
     /// Pauses or resumes the partition if the buffer or a hold asks for it,
     /// on the control thread. When its queue is full the call is left for
     /// the next wake-up; meanwhile librdkafka's own bound
@@ -209,12 +197,7 @@ impl ReadAhead {
         }
         let control = self.control.clone();
         let call: ControlCall = Box::new(move || {
-            let result = if wanted {
-                control.pause()
-            } else {
-                control.resume()
-            };
-            if let Err(error) = result {
+            if let Err(error) = control.set_paused(wanted) {
                 tracing::warn!(error = %error, pause = wanted, "read-ahead: pause or resume refused");
             }
         });
@@ -254,9 +237,10 @@ impl ReadAhead {
         self.arrived.notify_one();
     }
 
-    /// Moves up to `max` buffered records into `into`; an error or the end
-    /// once the records before it were taken.
-    pub fn take(&self, max: usize, into: &mut Vec<RawRecord>) -> Taken {
+    /// Moves up to `max` buffered records, within `budget` bytes (see
+    /// `take_records`), into `into`; an error or the end once the records
+    /// before it were taken.
+    pub fn take(&self, max: usize, budget: usize, into: &mut Vec<RawRecord>) -> Taken {
         let mut state = self.lock();
         if state.records.is_empty() {
             if let Some(error) = state.error.take() {
@@ -269,7 +253,7 @@ impl ReadAhead {
             };
         }
         drop(state);
-        Taken::Records(self.take_records(max, usize::MAX, into).0)
+        Taken::Records(self.take_records(max, budget, into).1)
     }
 
     /// Moves up to `max` buffered records, and while `budget` (bytes, as
@@ -400,12 +384,13 @@ mod tests {
             self.0.seeks.lock().expect("seeks").push(offset);
             Ok(())
         }
-        fn pause(&self) -> Result<(), String> {
-            self.0.pauses.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-        fn resume(&self) -> Result<(), String> {
-            self.0.resumes.fetch_add(1, Ordering::SeqCst);
+        fn set_paused(&self, paused: bool) -> Result<(), String> {
+            let count = if paused {
+                &self.0.pauses
+            } else {
+                &self.0.resumes
+            };
+            count.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
     }
@@ -424,12 +409,12 @@ mod tests {
 
     fn offsets(ahead: &ReadAhead) -> Vec<i64> {
         let mut records = Vec::new();
-        ahead.take(1000, &mut records);
+        ahead.take(1000, usize::MAX, &mut records);
         records.iter().map(|r| r.offset).collect()
     }
 
     fn take(ahead: &ReadAhead) -> Taken {
-        ahead.take(10, &mut Vec::new())
+        ahead.take(10, usize::MAX, &mut Vec::new())
     }
 
     type Feed = futures::channel::mpsc::UnboundedSender<Result<RawRecord, String>>;
@@ -468,7 +453,7 @@ mod tests {
         let mut seen = Vec::new();
         while seen.len() < 100 {
             let mut records = Vec::new();
-            match ahead.take(7, &mut records) {
+            match ahead.take(7, usize::MAX, &mut records) {
                 Taken::Records(_) => seen.extend(records.iter().map(|r| r.offset)),
                 Taken::Empty => ahead.arrived().await,
                 Taken::Error(e) => panic!("{e}"),
