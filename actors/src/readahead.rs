@@ -91,6 +91,8 @@ struct State {
     /// A seek for the reader to do: only the reader takes records out of
     /// librdkafka, so none can be taken while the position moves.
     seek: Option<SeekRequest>,
+    /// The offset after the last record buffered since the last seek.
+    next_offset: Option<i64>,
 }
 
 /// What a `take` found.
@@ -179,7 +181,13 @@ impl ReadAhead {
                     }
                 },
             }
-            self.add(&mut chunk, error, ended);
+            let repeated = self.add(&mut chunk, error, ended);
+            if repeated > 0 {
+                tracing::debug!(
+                    repeated,
+                    "read-ahead: dropped records fetched again after a resume"
+                );
+            }
         }
     }
 
@@ -220,9 +228,23 @@ impl ReadAhead {
         true
     }
 
-    fn add(&self, chunk: &mut Vec<RawRecord>, error: Option<String>, ended: bool) {
+    /// Buffers `chunk`, except records at offsets already buffered since the
+    /// last seek. After a pause and a resume librdkafka fetches again from
+    /// the position it saved when it handled the pause, which can be behind
+    /// what was already polled: records come twice (seen in one of eleven
+    /// `node-cpu.sh` runs, 15,399 of them). A repeat (same partition, same offset) is
+    /// the same record, so it is dropped here; left in, the partition actor
+    /// saw its batch go back, sought, and dropped the whole buffer. Returns
+    /// how many were dropped.
+    fn add(&self, chunk: &mut Vec<RawRecord>, error: Option<String>, ended: bool) -> usize {
         let mut state = self.lock();
+        let mut repeated = 0;
         for record in chunk.drain(..) {
+            if state.next_offset.is_some_and(|next| record.offset < next) {
+                repeated += 1;
+                continue;
+            }
+            state.next_offset = Some(record.offset + 1);
             state.bytes += footprint(&record);
             state.records.push_back(record);
         }
@@ -235,6 +257,7 @@ impl ReadAhead {
         }
         drop(state);
         self.arrived.notify_one();
+        repeated
     }
 
     /// Moves up to `max` buffered records, within `budget` bytes (see
@@ -338,6 +361,7 @@ impl ReadAhead {
         state.error = None;
         state.ended = false;
         state.full = false;
+        state.next_offset = None;
     }
 
     /// Pauses the partition whatever the buffer holds (the store is down),
@@ -492,6 +516,25 @@ mod tests {
         assert_eq!(offsets(&ahead), vec![2, 3], "records before the error");
         assert!(matches!(take(&ahead), Taken::Error(e) if e == "broker gone"));
         assert!(matches!(take(&ahead), Taken::Empty));
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn records_fetched_again_after_a_resume_are_dropped_but_not_after_a_seek() {
+        let (ahead, _counts, tx, task) = reader(1 << 20);
+        // librdkafka resumed from an offset before the last one polled.
+        for offset in [0, 1, 2, 3, 2, 3, 4] {
+            tx.unbounded_send(Ok(record(offset, 10))).expect("send");
+        }
+        until("buffered", || ahead.buffered() == 5).await;
+        assert_eq!(offsets(&ahead), vec![0, 1, 2, 3, 4]);
+        // A seek back is the partition's own: what follows it is kept.
+        ahead.seek(Some(1)).await.expect("seek");
+        for offset in 1..3 {
+            tx.unbounded_send(Ok(record(offset, 10))).expect("send");
+        }
+        until("buffered after the seek", || ahead.buffered() == 2).await;
+        assert_eq!(offsets(&ahead), vec![1, 2]);
         task.abort();
     }
 
