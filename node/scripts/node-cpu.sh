@@ -32,8 +32,16 @@ createdb "$DB"
 # AFTER_MIGRATE_SQL: run against the new database before the node starts
 # (e.g. drop an index to see what it costs).
 [ -n "${AFTER_MIGRATE_SQL:-}" ] && psql -q -d "$DB" -c "$AFTER_MIGRATE_SQL"
+# Each run's chains start afresh in a new database, so a state directory
+# reused across runs would hold another run's checkpoints at the same sizes:
+# the node rightly refuses to replace them (a WARN per chain at shutdown).
+# Publish into this run's own directory instead.
+CHECKPOINTS=()
+for arg in "$@"; do
+  [ "$arg" = --state-dir ] && CHECKPOINTS=(--checkpoints "$W/checkpoints")
+done
 "$BIN" run --brokers "$B" --topics bench --group-id g --database-url "$URL" \
-  --api-addr 127.0.0.1:0 --group-protocol consumer "$@" > "$W/node.log" 2>&1 &
+  --api-addr 127.0.0.1:0 --group-protocol consumer "${CHECKPOINTS[@]}" "$@" > "$W/node.log" 2>&1 &
 NODE=$!
 # PERF=FILE: also sample the node with `perf record` into FILE.
 if [ -n "${PERF:-}" ]; then
