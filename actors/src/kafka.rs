@@ -466,8 +466,35 @@ impl KafkaPartitionSource {
             return;
         };
         let ahead = self.ahead.clone();
+        // Weak: the task must not keep the consumer alive past the source.
+        let consumer = Arc::downgrade(&self.consumer);
+        let (topic, partition) = (self.topic.clone(), self.partition);
         let task = tokio::spawn(async move {
-            ahead.fill(queue.stream(), to_record).await;
+            let mut queue = queue;
+            loop {
+                ahead.clone().fill(queue.stream(), to_record).await;
+                // The queue's wake-up was lost (see `WAKEUP_CHECK`): drop this
+                // handle first (its drop turns the wake-up off), then make a
+                // new one, which turns it on for this reader.
+                drop(queue);
+                queue = loop {
+                    let Some(consumer) = consumer.upgrade() else {
+                        return;
+                    };
+                    if let Some(again) = consumer.split_partition_queue(&topic, partition) {
+                        break again;
+                    }
+                    // Unknown to librdkafka for now (a metadata refresh):
+                    // try again; a revoke drops the source and ends this task.
+                    tracing::warn!(
+                        topic,
+                        partition,
+                        "read-ahead: cannot make a new handle of the partition queue; retrying"
+                    );
+                    drop(consumer);
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                };
+            }
         });
         *self.reader.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
     }

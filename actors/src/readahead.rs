@@ -20,6 +20,7 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
 
 use audit_ledger::RawRecord;
 use futures::{FutureExt, StreamExt};
@@ -30,6 +31,15 @@ use crate::source::SourceError;
 /// Records taken from the librdkafka queue in one go, before the buffer's
 /// lock is taken to add them.
 const READ_CHUNK: usize = 256;
+
+/// How long the reader waits for a wake-up before looking at the queue
+/// itself. rdkafka wakes a partition queue's reader through a callback on
+/// librdkafka's queue, and dropping any handle of that queue turns the
+/// callback off: when a partition is revoked and assigned again quickly,
+/// the old source's handle can be dropped after the new one was made, and
+/// the new reader then waited forever with records in its queue
+/// (`broker_down_and_up`, in 2 of 5 runs). See `fill`.
+const WAKEUP_CHECK: Duration = Duration::from_secs(1);
 
 /// The partition at the broker: seeking (blocking), pausing, resuming.
 pub trait FetchControl: Send + Sync + 'static {
@@ -93,6 +103,10 @@ struct State {
     seek: Option<SeekRequest>,
     /// The offset after the last record buffered since the last seek.
     next_offset: Option<i64>,
+    /// Whether the reader has the partition paused at the broker (it alone
+    /// pauses and resumes); kept here so that it survives a `fill` that
+    /// returned to re-arm its queue.
+    paused_at_broker: bool,
 }
 
 /// What a `take` found.
@@ -121,6 +135,12 @@ impl ReadAhead {
 
     /// Copies records out of `stream` and does the seeks asked for; run as
     /// a task of its own, aborted when the partition's source is dropped.
+    ///
+    /// Returns only when it found a record waiting in the queue after
+    /// `WAKEUP_CHECK` without having been woken for it: the queue's wake-up
+    /// was lost. The caller then makes a new handle of the queue (which
+    /// turns the wake-up on again) and calls `fill` again; what was read is
+    /// buffered and nothing is lost.
     pub async fn fill<S, M, E>(self: Arc<Self>, mut stream: S, copy: impl Fn(&M) -> RawRecord)
     where
         S: futures::Stream<Item = Result<M, E>> + Unpin,
@@ -128,13 +148,11 @@ impl ReadAhead {
     {
         let mut chunk = Vec::with_capacity(READ_CHUNK);
         let mut ended = false;
-        // Whether this task has the partition paused at the broker. Only
-        // this task pauses, resumes and seeks, in order, and off the async
-        // workers: librdkafka's calls wait for its own threads. Pauses and
-        // resumes go to one control thread (in order, and without a thread
-        // per call: each thread of the blocking pool keeps an allocator heap),
-        // seeks to the blocking pool.
-        let mut paused = false;
+        // Only this task pauses, resumes and seeks, in order, and off the
+        // async workers: librdkafka's calls wait for its own threads. Pauses
+        // and resumes go to one control thread (in order, and without a
+        // thread per call: each thread of the blocking pool keeps an
+        // allocator heap), seeks to the blocking pool.
         loop {
             let request = self.lock().seek.take();
             if let Some((offset, reply)) = request {
@@ -148,38 +166,54 @@ impl ReadAhead {
                 continue;
             }
             let room = self.has_room();
-            self.apply_pause(&mut paused);
+            self.apply_pause();
             if ended || !room {
                 self.wake.notified().await;
                 continue;
             }
             let mut error = None;
-            tokio::select! {
+            let mut wakeup_lost = false;
+            let woken = tokio::select! {
                 biased;
                 () = self.wake.notified() => continue,
-                item = stream.next() => match item {
-                    None => ended = true,
-                    Some(Err(e)) => error = Some(e.to_string()),
-                    Some(Ok(message)) => {
-                        chunk.push(copy(&message));
-                        drop(message);
-                        // What else is already there, without waiting.
-                        while chunk.len() < READ_CHUNK {
-                            match stream.next().now_or_never() {
-                                Some(Some(Ok(message))) => chunk.push(copy(&message)),
-                                Some(Some(Err(e))) => {
-                                    error = Some(e.to_string());
-                                    break;
-                                }
-                                Some(None) => {
-                                    ended = true;
-                                    break;
-                                }
-                                None => break,
+                // Before the stream: polled after the timer, the stream would
+                // find the record itself and the lost wake-up go unnoticed.
+                () = tokio::time::sleep(WAKEUP_CHECK) => None,
+                item = stream.next() => Some(item),
+            };
+            let item = match woken {
+                Some(item) => item,
+                // Woken by nothing for a while: look at the queue itself.
+                None => match stream.next().now_or_never() {
+                    Some(item) => {
+                        wakeup_lost = true;
+                        item
+                    }
+                    None => continue,
+                },
+            };
+            match item {
+                None => ended = true,
+                Some(Err(e)) => error = Some(e.to_string()),
+                Some(Ok(message)) => {
+                    chunk.push(copy(&message));
+                    drop(message);
+                    // What else is already there, without waiting.
+                    while chunk.len() < READ_CHUNK {
+                        match stream.next().now_or_never() {
+                            Some(Some(Ok(message))) => chunk.push(copy(&message)),
+                            Some(Some(Err(e))) => {
+                                error = Some(e.to_string());
+                                break;
                             }
+                            Some(None) => {
+                                ended = true;
+                                break;
+                            }
+                            None => break,
                         }
                     }
-                },
+                }
             }
             let repeated = self.add(&mut chunk, error, ended);
             if repeated > 0 {
@@ -188,6 +222,12 @@ impl ReadAhead {
                     "read-ahead: dropped records fetched again after a resume"
                 );
             }
+            if wakeup_lost {
+                tracing::info!(
+                    "read-ahead: records waited without a wake-up; re-arming the partition queue"
+                );
+                return;
+            }
         }
     }
 
@@ -195,14 +235,14 @@ impl ReadAhead {
     /// on the control thread. When its queue is full the call is left for
     /// the next wake-up; meanwhile librdkafka's own bound
     /// (queued.max.messages.kbytes) still holds.
-    fn apply_pause(&self, paused: &mut bool) {
+    fn apply_pause(&self) {
         let wanted = {
             let state = self.lock();
-            state.full || state.held
+            if (state.full || state.held) == state.paused_at_broker {
+                return;
+            }
+            !state.paused_at_broker
         };
-        if wanted == *paused {
-            return;
-        }
         let control = self.control.clone();
         let call: ControlCall = Box::new(move || {
             if let Err(error) = control.set_paused(wanted) {
@@ -210,7 +250,7 @@ impl ReadAhead {
             }
         });
         if control_thread().try_send(call).is_ok() {
-            *paused = wanted;
+            self.lock().paused_at_broker = wanted;
         }
     }
 
@@ -536,6 +576,49 @@ mod tests {
         until("buffered after the seek", || ahead.buffered() == 2).await;
         assert_eq!(offsets(&ahead), vec![1, 2]);
         task.abort();
+    }
+
+    /// A queue whose wake-up was turned off: records are there, but polling
+    /// it answers `Pending` without keeping the waker, once.
+    struct Unwoken {
+        records: std::collections::VecDeque<RawRecord>,
+        silent: bool,
+    }
+
+    impl futures::Stream for Unwoken {
+        type Item = Result<RawRecord, String>;
+
+        fn poll_next(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Self::Item>> {
+            if std::mem::take(&mut self.silent) {
+                return std::task::Poll::Pending;
+            }
+            match self.records.pop_front() {
+                Some(record) => std::task::Poll::Ready(Some(Ok(record))),
+                None => std::task::Poll::Pending,
+            }
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_lost_wake_up_is_found_and_the_reader_returns_to_re_arm() {
+        let counts = Arc::new(Counts::default());
+        let ahead = ReadAhead::new(1 << 20, Arc::new(Control(counts)));
+        let stream = Unwoken {
+            records: (0..3).map(|offset| record(offset, 10)).collect(),
+            silent: true,
+        };
+        // Returns (to be given a new handle of the queue) once it has looked
+        // at the queue itself and found what was waiting.
+        tokio::time::timeout(
+            WAKEUP_CHECK * 3,
+            ahead.clone().fill(stream, |r: &RawRecord| r.clone()),
+        )
+        .await
+        .expect("the reader noticed the lost wake-up");
+        assert_eq!(offsets(&ahead), vec![0, 1, 2], "nothing lost");
     }
 
     /// Yields until `condition` holds (the reader's calls run on the
