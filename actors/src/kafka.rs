@@ -138,6 +138,40 @@ pub struct KafkaContext {
     consumer: OnceLock<Weak<KafkaConsumer>>,
     /// Read-ahead bound of each partition (its share of the prefetch budget).
     prefetch_bytes: usize,
+    /// The current source of each assigned partition.
+    owners: Arc<Owners>,
+}
+
+/// Which source of a partition may pause, resume and seek it. A revoked
+/// partition's source lives on until its actor has stopped, and the
+/// partition may be assigned to this consumer again meanwhile; librdkafka
+/// keeps a pause across a revoke and a new assignment, so a late pause
+/// from the old source would leave the new one waiting forever
+/// (`second_node_takes_over_a_killed_nodes_partitions`, CHAOS.md).
+#[derive(Default)]
+struct Owners {
+    next: std::sync::atomic::AtomicU64,
+    current: Mutex<std::collections::HashMap<(String, i32), u64>>,
+}
+
+impl Owners {
+    /// Makes a new source the partition's owner; returns its generation.
+    fn take_over(&self, topic: &str, partition: i32) -> u64 {
+        let generation = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((topic.to_owned(), partition), generation);
+        generation
+    }
+
+    fn is_current(&self, topic: &str, partition: i32, generation: u64) -> bool {
+        self.current
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(topic.to_owned(), partition))
+            == Some(&generation)
+    }
 }
 
 type KafkaConsumer = StreamConsumer<KafkaContext>;
@@ -193,6 +227,7 @@ impl ConsumerContext for KafkaContext {
                                 queue,
                                 consumer.clone(),
                                 self.prefetch_bytes,
+                                self.owners.clone(),
                             )),
                         }),
                         None => {
@@ -235,6 +270,7 @@ impl Connector for KafkaConnector {
             consumer_actor,
             consumer: OnceLock::new(),
             prefetch_bytes: prefetch_kbytes as usize * 1024,
+            owners: Arc::default(),
         };
         let consumer: KafkaConsumer = self
             .settings
@@ -369,6 +405,16 @@ struct PartitionFetch {
     topic: String,
     partition: i32,
     tpl: TopicPartitionList,
+    owners: Arc<Owners>,
+    generation: u64,
+}
+
+impl PartitionFetch {
+    fn superseded(&self) -> bool {
+        !self
+            .owners
+            .is_current(&self.topic, self.partition, self.generation)
+    }
 }
 
 impl FetchControl for PartitionFetch {
@@ -376,6 +422,12 @@ impl FetchControl for PartitionFetch {
         let Some(consumer) = self.consumer.upgrade() else {
             return Err(SourceError::Transient("the consumer is closing".into()));
         };
+        if self.superseded() {
+            return Err(SourceError::Transient(format!(
+                "seek of {}/{}: the partition was assigned again, to a newer source",
+                self.topic, self.partition
+            )));
+        }
         let (topic, partition) = (&self.topic, self.partition);
         let target = offset.map_or(Offset::Beginning, Offset::Offset);
         // Right after an assignment librdkafka may not accept a seek yet.
@@ -424,6 +476,11 @@ impl FetchControl for PartitionFetch {
         let Some(consumer) = self.consumer.upgrade() else {
             return Ok(());
         };
+        // Calls run in order on one thread: a newer source's first call (a
+        // resume, see `start_reader`) comes after any of this one's.
+        if self.superseded() {
+            return Ok(());
+        }
         let result = if paused {
             consumer.pause(&self.tpl)
         } else {
@@ -440,14 +497,18 @@ impl KafkaPartitionSource {
         queue: StreamPartitionQueue<KafkaContext>,
         consumer: Arc<KafkaConsumer>,
         prefetch_bytes: usize,
+        owners: Arc<Owners>,
     ) -> Self {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition(&topic, partition);
+        let generation = owners.take_over(&topic, partition);
         let control = PartitionFetch {
             consumer: Arc::downgrade(&consumer),
             topic: topic.clone(),
             partition,
             tpl,
+            owners,
+            generation,
         };
         Self {
             topic,
@@ -466,6 +527,9 @@ impl KafkaPartitionSource {
             return;
         };
         let ahead = self.ahead.clone();
+        // An earlier source of this partition may have left it paused at the
+        // broker: the reader's first call resumes it.
+        ahead.assume_paused_at_broker();
         // Weak: the task must not keep the consumer alive past the source.
         let consumer = Arc::downgrade(&self.consumer);
         let (topic, partition) = (self.topic.clone(), self.partition);
@@ -656,6 +720,20 @@ impl RecordSource for KafkaPartitionSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_partition_assigned_again_belongs_to_its_newest_source() {
+        let owners = Owners::default();
+        let old = owners.take_over("orders", 3);
+        let other = owners.take_over("orders", 4);
+        let new = owners.take_over("orders", 3);
+        assert!(
+            !owners.is_current("orders", 3, old),
+            "the old source may no longer pause it"
+        );
+        assert!(owners.is_current("orders", 3, new));
+        assert!(owners.is_current("orders", 4, other));
+    }
 
     fn settings(extra: &[(&str, &str)]) -> KafkaSettings {
         let mut settings = KafkaSettings::new("localhost:9092", vec!["orders".into()], "g");

@@ -404,6 +404,12 @@ impl ReadAhead {
         state.next_offset = None;
     }
 
+    /// The partition may be paused at the broker (by an earlier reader of
+    /// it): the reader's first look resumes it unless it should stay paused.
+    pub fn assume_paused_at_broker(&self) {
+        self.lock().paused_at_broker = true;
+    }
+
     /// Pauses the partition whatever the buffer holds (the store is down),
     /// until `release`; done by the reader task.
     pub fn hold(&self) {
@@ -575,6 +581,18 @@ mod tests {
         }
         until("buffered after the seek", || ahead.buffered() == 2).await;
         assert_eq!(offsets(&ahead), vec![1, 2]);
+        task.abort();
+    }
+
+    #[tokio::test]
+    async fn a_reader_that_may_find_its_partition_paused_resumes_it_first() {
+        let counts = Arc::new(Counts::default());
+        let ahead = ReadAhead::new(1 << 20, Arc::new(Control(counts.clone())));
+        ahead.assume_paused_at_broker();
+        let (_tx, rx) = futures::channel::mpsc::unbounded::<Result<RawRecord, String>>();
+        let task = tokio::spawn(ahead.clone().fill(rx, |r: &RawRecord| r.clone()));
+        until("resumed", || counts.resumes.load(Ordering::SeqCst) == 1).await;
+        assert_eq!(counts.pauses.load(Ordering::SeqCst), 0);
         task.abort();
     }
 
