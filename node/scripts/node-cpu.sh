@@ -38,7 +38,7 @@ createdb "$DB"
 # Publish into this run's own directory instead.
 CHECKPOINTS=()
 for arg in "$@"; do
-  [ "$arg" = --state-dir ] && CHECKPOINTS=(--checkpoints "$W/checkpoints")
+  if [ "$arg" = --state-dir ]; then CHECKPOINTS=(--checkpoints "$W/checkpoints"); fi
 done
 "$BIN" run --brokers "$B" --topics bench --group-id g --database-url "$URL" \
   --api-addr 127.0.0.1:0 --group-protocol consumer "${CHECKPOINTS[@]}" "$@" > "$W/node.log" 2>&1 &
